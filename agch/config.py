@@ -1,0 +1,284 @@
+"""The one config type: the paper's MIRFlickr-25K settings, named presets as deltas, the log's fixes as switches.
+
+Every field has one line of documentation. Search and ablation only ever produce `Config`s; the trainer only
+ever reads them. Parameter names follow the paper (agch-method.md): `delta` is the GCN-loss weight δ,
+`gamma_v`/`gamma_t` the modality weights γ_v/γ_t of the similarity, `lam` the inter-modal alignment weight λ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from agch.errors import UserError, unknown
+
+
+@dataclass(frozen=True)
+class Fixes:
+    """The debugging log's five fixes (agch-method.md), each one switch the ablation toggles.
+
+    The "off" side of each switch is the log's starting reimplementation; "on" is what the log changed to.
+    """
+
+    similarity: bool = True
+    """on: S = C ⊙ D (the paper, Eq. 11); off: S = sim_mix·C + (1 − sim_mix)·D (the paper's ablation AGCH-3,
+    the log's starting point). The log bundled the square-root distance and S ← 2S − 1 with this fix; here those
+    are the separate options `distance` and `rescale_s` so that this switch measures one change."""
+    text_input: bool = False
+    """on: BatchNorm1d on the sparse bag-of-words input, LeakyReLU instead of ReLU in the text encoder, and
+    Kaiming init with gain 2.0 on its first layer (the log: text-code mean rose from 0.013 to 0.095)."""
+    alignment: bool = False
+    """on: adds align_weight · mean((B^v − B^t)²), a direct pull between the same pair's image and text codes
+    (the log measured the pair ~32.9 bits apart at 64 bits)."""
+    quantization: bool = False
+    """on: adds quant_weight · mean((|B| − 1)²) over the encoder codes, pushing them toward ±1."""
+    balance: bool = False
+    """on: adds balance_weight · Σ_bits mean_batch(B)², pushing each bit to be +1 half the time (the log:
+    all 500 codes had collapsed to one before it)."""
+
+
+FIX_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Fixes))
+# The CLI and YAML spell fixes with dashes (text-input); the dataclass with underscores.
+FIX_ALIASES = {name.replace("_", "-"): name for name in FIX_NAMES}
+
+
+@dataclass(frozen=True)
+class Config:
+    """All settings of one AGCH training run. Defaults: the paper's MIRFlickr-25K setup (Sec. IV-C)."""
+
+    # --- codes and schedule
+    bits: int = 64
+    """code length c (the paper reports 16/32/64/128)."""
+    epochs: int = 40
+    """passes over the training set (paper: MIRFlickr 40, NUS-WIDE 80, Wiki 150)."""
+    batch_size: int = 32
+    """mini-batch size m; the batch similarity S is m × m (paper: 32)."""
+    eval_every: int = 5
+    """evaluate mAP and diagnostics every this many epochs (and always after the last)."""
+    seed: int = 0
+    """seeds python, numpy and torch before anything random happens (weights, batch order)."""
+
+    # --- similarity (Eqs. 8–12)
+    rho: float = 4.0
+    """ρ, the distance scale of D = exp(−dist/ρ)."""
+    gamma_v: float = 2.0
+    """γ_v, weight of the L2-normalised image feature in Z̃ = [γ_v Z̃^v, γ_t Z̃^t]."""
+    gamma_t: float = 0.3
+    """γ_t, weight of the L2-normalised text feature."""
+    gamma_weighting: str = "linear"
+    """how γ enters C: 'linear' = Σ_k γ_k cos_k (the paper's text), 'squared' = Z̃Z̃ᵀ (Eq. 10 literally, γ_k²)."""
+    distance: str = "euclidean"
+    """dist_ij in D: 'euclidean' = ‖Z̃_i − Z̃_j‖ (matches the paper's worked example S = 0.874), 'sqrt' =
+    √‖Z̃_i − Z̃_j‖ (Eq. 12 as printed; the log's choice)."""
+    sim_mix: float = 0.5
+    """with fixes.similarity off: weight of C in S = sim_mix·C + (1 − sim_mix)·D."""
+    rescale_s: bool = True
+    """S ← 2S − 1 before the code losses (the paper, after Eq. 12)."""
+    gcn_adjacency: str = "before"
+    """which S the GCN sees: 'before' 2S − 1 (a non-negative adjacency, so D̃^-1/2 exists) or 'after'."""
+
+    # --- losses (Eqs. 13–16)
+    alpha: float = 1.0
+    """α, weight of the intra-modal loss L1."""
+    beta: float = 1.0
+    """β, weight of the cross-modal similarity term of L3."""
+    lam: float = 10.0
+    """λ (lambda), weight of the code-alignment term ‖B^k − B^h‖² of L3."""
+    delta: float = 0.01
+    """δ, weight of the GCN loss L2."""
+    loss_reduction: str = "mean"
+    """'mean' averages each ‖·‖²_F over its entries, 'sum' sums them (changes the effective learning rate)."""
+    align_weight: float = 1.0
+    """weight of the alignment fix's term."""
+    quant_weight: float = 0.1
+    """weight of the quantization fix's term."""
+    balance_weight: float = 0.1
+    """weight of the balance fix's term."""
+
+    # --- networks (Sec. III-B, IV-C)
+    image_hidden: int = 0
+    """hidden units above the fixed fc7 features in the image encoder; 0 = fc7 → c directly (the replaced fc8)."""
+    text_hidden: int = 4096
+    """hidden units of the text MLP K → text_hidden → c; its hidden layer is f^t."""
+    gcn_hidden: int = 2048
+    """width of both graph-convolution layers (input → gcn_hidden → gcn_hidden → FC → c)."""
+
+    # --- optimisation (Sec. IV-C)
+    lr_image: float = 1e-4
+    """SGD learning rate of the image encoder."""
+    lr_text: float = 1e-2
+    """SGD learning rate of the text encoder."""
+    lr_gcn: float = 1e-3
+    """SGD learning rate of both GCN modules."""
+    lr_fusion: float = 1e-2
+    """SGD learning rate of the fusion layer."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 5e-4
+    """SGD weight decay."""
+    bf16: bool = False
+    """bf16 autocast for the forward pass on CUDA (ignored on CPU)."""
+
+    # --- evaluation
+    topk: int = 50
+    """k of mAP@k (the paper's protocol: 50); mAP@ALL is always computed too."""
+
+    fixes: Fixes = field(default_factory=Fixes)
+    """the debugging log's fixes."""
+
+
+# Fields that do not change what is computed, only where or how it is observed. Left out of the identity.
+NON_SCIENTIFIC = frozenset({"eval_every"})
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "gamma_weighting": ("linear", "squared"),
+    "distance": ("euclidean", "sqrt"),
+    "gcn_adjacency": ("before", "after"),
+    "loss_reduction": ("mean", "sum"),
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper as written, with the readings documented on each field above.
+    "paper": {},
+    # The debugging log's final state: every fix on, sqrt distance, lower L3 weights that came with fixes 4 and 5.
+    "debug-log": {
+        "distance": "sqrt",
+        "batch_size": 128,
+        "beta": 0.1,
+        "lam": 1.0,
+        "fixes": {name: True for name in FIX_NAMES},
+    },
+}
+
+
+def field_names() -> list[str]:
+    """All settable keys: config fields and `fixes.<name>`."""
+    return [f.name for f in fields(Config) if f.name != "fixes"] + [f"fixes.{n}" for n in FIX_NAMES]
+
+
+def fix_name(name: str, where: str = "") -> str:
+    """Canonical fix name from 'text-input' / 'text_input'; unknown names raise with the list of known fixes."""
+    canon = FIX_ALIASES.get(name, name)
+    if canon not in FIX_NAMES:
+        raise unknown("fix", name, FIX_ALIASES, where)
+    return canon
+
+
+def _coerce(key: str, value: Any, current: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the type of the field it replaces."""
+    loc = f"{where}: " if where else ""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("on", "true", "1", "yes"):
+            return True
+        if text in ("off", "false", "0", "no"):
+            return False
+        raise UserError(f"{loc}{key} must be on/off (true/false), got {value!r}")
+    try:
+        if isinstance(current, int):
+            as_float = float(value)
+            if not as_float.is_integer():
+                raise ValueError
+            return int(as_float)
+        if isinstance(current, float):
+            return float(value)
+    except (TypeError, ValueError):
+        kind = "an integer" if isinstance(current, int) else "a number"
+        raise UserError(f"{loc}{key} must be {kind}, got {value!r}") from None
+    return str(value)
+
+
+def apply(config: Config, overrides: dict[str, Any], where: str = "") -> Config:
+    """Return `config` with `overrides` applied and validated.
+
+    Keys are field names or `fixes.<name>`; a `fixes` key may also hold a mapping of fix names. Unknown keys raise
+    with the closest match.
+
+    Example:
+        >>> apply(Config(), {"delta": 1.0, "fixes.alignment": "on"}).fixes.alignment
+        True
+    """
+    changes: dict[str, Any] = {}
+    fix_changes: dict[str, bool] = {}
+    for key, value in overrides.items():
+        if key == "fixes" and isinstance(value, dict):
+            for name, on in value.items():
+                canon = fix_name(str(name), where)
+                fix_changes[canon] = _coerce(f"fixes.{canon}", on, True, where)
+        elif key.startswith("fixes."):
+            canon = fix_name(key.split(".", 1)[1], where)
+            fix_changes[canon] = _coerce(f"fixes.{canon}", value, True, where)
+        elif key in field_names():
+            changes[key] = _coerce(key, value, getattr(config, key), where)
+        else:
+            raise unknown("config key", key, field_names(), where)
+    fixes = dataclasses.replace(config.fixes, **fix_changes)
+    result = dataclasses.replace(config, **changes, fixes=fixes)
+    validate(result, where)
+    return result
+
+
+def preset(name: str) -> Config:
+    """The named preset as a Config ('paper' or 'debug-log')."""
+    if name not in PRESETS:
+        raise unknown("preset", name, PRESETS)
+    return apply(Config(), PRESETS[name], where=f"preset {name}")
+
+
+def validate(config: Config, where: str = "") -> None:
+    """Raise UserError for values outside their allowed range."""
+    loc = f"{where}: " if where else ""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise UserError(loc + message)
+
+    need(4 <= config.bits <= 1024, f"bits must be in [4, 1024], got {config.bits}")
+    need(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
+    need(config.batch_size >= 2, f"batch_size must be >= 2 (S needs pairs), got {config.batch_size}")
+    need(config.eval_every >= 1, f"eval_every must be >= 1, got {config.eval_every}")
+    need(config.topk >= 1, f"topk must be >= 1, got {config.topk}")
+    need(config.rho > 0, f"rho must be > 0, got {config.rho}")
+    need(0.0 <= config.sim_mix <= 1.0, f"sim_mix must be in [0, 1], got {config.sim_mix}")
+    need(config.image_hidden >= 0, f"image_hidden must be >= 0, got {config.image_hidden}")
+    need(config.text_hidden >= 1 and config.gcn_hidden >= 1, "text_hidden and gcn_hidden must be >= 1")
+    need(0.0 <= config.momentum < 1.0, f"momentum must be in [0, 1), got {config.momentum}")
+    for name in ("gamma_v", "gamma_t", "alpha", "beta", "lam", "delta", "align_weight", "quant_weight",
+                 "balance_weight", "weight_decay"):
+        value = getattr(config, name)
+        need(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
+    need(config.gamma_v + config.gamma_t > 0, "gamma_v and gamma_t cannot both be 0")
+    for name in ("lr_image", "lr_text", "lr_gcn", "lr_fusion"):
+        value = getattr(config, name)
+        need(math.isfinite(value) and value > 0, f"{name} must be a finite number > 0, got {value}")
+    for name, allowed in CHOICES.items():
+        value = getattr(config, name)
+        need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def to_flat(config: Config) -> dict[str, Any]:
+    """Flat {key: value} with `fixes.<name>` keys: the form logged as MLflow params and written to YAML."""
+    flat = {k: v for k, v in dataclasses.asdict(config).items() if k != "fixes"}
+    flat.update({f"fixes.{n}": getattr(config.fixes, n) for n in FIX_NAMES})
+    return flat
+
+
+def from_flat(flat: dict[str, Any], base: str = "paper") -> Config:
+    """Inverse of to_flat (values may be strings, as MLflow returns them)."""
+    return apply(preset(base), flat)
+
+
+def identity(config: Config, **context: Any) -> str:
+    """Hash of everything that matters scientifically (not where results go), plus context such as the dataset.
+
+    Two runs with the same identity computed the same thing; a recorded run with it can be reused.
+    """
+    flat = {k: v for k, v in to_flat(config).items() if k not in NON_SCIENTIFIC}
+    payload = json.dumps({"config": flat, "context": context}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -1,0 +1,57 @@
+"""The debugging log's probes, computed at every evaluation (labels are used here for diagnostics only)."""
+
+from __future__ import annotations
+
+import torch
+
+from agch.metrics import relevance
+from agch.model import AGCH
+from agch.similarity import batch_similarity
+from agch.config import Config
+
+COLLAPSE_UNIQUE_FRACTION = 0.05
+"""A run whose codes are less than 5% unique (in either modality) is flagged as collapsed."""
+
+
+def similarity_vs_labels(zv: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, config: Config) -> dict[str, float]:
+    """How well S (as the code losses see it) tracks label similarity on one probe batch."""
+    s, _ = batch_similarity(zv, zt, config)
+    positive = relevance(labels, labels)
+    off_diag = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+    sv, pv = s[off_diag], positive[off_diag].float()
+    corr = torch.corrcoef(torch.stack([sv, pv]))[0, 1] if pv.std() > 0 else torch.tensor(float("nan"))
+    mean = lambda x: float(x.mean()) if x.numel() else float("nan")  # noqa: E731
+    return {
+        "s_label_corr": float(corr),
+        "s_mean_positive": mean(sv[pv > 0]),
+        "s_mean_negative": mean(sv[pv == 0]),
+    }
+
+
+def code_statistics(codes_image: torch.Tensor, codes_text: torch.Tensor) -> dict[str, float]:
+    """Uniqueness, bit balance and the same pair's cross-modal Hamming distance of sign codes (n, c) in ±1."""
+    out: dict[str, float] = {}
+    for name, codes in (("image", codes_image), ("text", codes_text)):
+        out[f"unique_frac_{name}"] = len(torch.unique(codes, dim=0)) / len(codes)
+        bit_means = codes.float().mean(dim=0)  # (c,), 0 when each bit is +1 half the time
+        out[f"bit_balance_{name}"] = float(bit_means.abs().mean())
+    out["pair_hamming"] = float((codes_image != codes_text).float().sum(dim=1).mean())
+    return out
+
+
+@torch.no_grad()
+def model_probes(model: AGCH, zv: torch.Tensor, zt: torch.Tensor, config: Config) -> dict[str, float]:
+    """GCN weight spread and sign agreement of the fusion code B^h with the GCN codes on one probe batch."""
+    _, adjacency = batch_similarity(zv, zt, config)
+    codes = model(zv, zt, adjacency)
+    weights = [p for n, p in model.named_parameters() if n.startswith("gcn_") and n.endswith("weight")]
+    return {
+        "gcn_weight_std": float(torch.stack([w.std() for w in weights]).mean()),
+        "sign_agree_h_gv": float(((codes.h >= 0) == (codes.gv >= 0)).float().mean()),
+        "sign_agree_h_gt": float(((codes.h >= 0) == (codes.gt >= 0)).float().mean()),
+    }
+
+
+def is_collapsed(stats: dict[str, float]) -> bool:
+    """True when either modality's codes are less than COLLAPSE_UNIQUE_FRACTION unique."""
+    return min(stats["unique_frac_image"], stats["unique_frac_text"]) < COLLAPSE_UNIQUE_FRACTION
