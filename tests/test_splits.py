@@ -1,0 +1,101 @@
+"""Split protocols: sizes, disjointness, determinism, file-order proportions, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agch.errors import UserError
+from agch.splits import SPLIT_PROTOCOLS, Split, make_split, recorded_seed
+
+
+def _check_sorted_int64(split: Split) -> None:
+    for part in (split.query, split.retrieval, split.train):
+        assert part.dtype == np.int64
+        assert np.all(np.diff(part) > 0)
+
+
+def test_standard_sizes_disjoint_and_train_inside_retrieval():
+    split = make_split("standard", 1000, seed=3, n_query=100, n_train=250)
+    _check_sorted_int64(split)
+    assert split.sizes() == {"query": 100, "retrieval": 900, "train": 250}
+    assert len(np.intersect1d(split.query, split.retrieval)) == 0
+    assert np.array_equal(np.union1d(split.query, split.retrieval), np.arange(1000))
+    assert np.all(np.isin(split.train, split.retrieval))
+
+
+def test_standard_is_deterministic_per_seed():
+    a = make_split("standard", 500, seed=7, n_query=50, n_train=100)
+    b = make_split("standard", 500, seed=7, n_query=50, n_train=100)
+    c = make_split("standard", 500, seed=8, n_query=50, n_train=100)
+    assert a == b
+    assert a != c
+    assert not np.array_equal(a.query, c.query)
+
+
+def test_standard_matches_the_documented_generator():
+    # query = first n_query of default_rng(seed).permutation(n); train drawn from retrieval with the same generator
+    rng = np.random.default_rng(5)
+    order = rng.permutation(300)
+    retrieval = np.sort(order[30:])
+    expected_train = np.sort(rng.choice(retrieval, size=60, replace=False))
+    split = make_split("standard", 300, seed=5, n_query=30, n_train=60)
+    assert np.array_equal(split.query, np.sort(order[:30]))
+    assert np.array_equal(split.train, expected_train)
+
+
+def test_ucch_queries_are_the_last_rows_and_train_is_retrieval():
+    split = make_split("ucch", 400, seed=123, n_query=40)
+    _check_sorted_int64(split)
+    assert np.array_equal(split.query, np.arange(360, 400))
+    assert np.array_equal(split.retrieval, np.arange(360))
+    assert np.array_equal(split.train, split.retrieval)
+
+
+@pytest.mark.parametrize("n", [20015, 1000, 101, 37])
+def test_file_order_proportions(n):
+    split = make_split("file-order", n)
+    _check_sorted_int64(split)
+    a, b = 45 * n // 100, 90 * n // 100
+    assert np.array_equal(split.train, np.arange(a))
+    assert np.array_equal(split.retrieval, np.arange(a, b))
+    assert np.array_equal(split.query, np.arange(b, n))
+    assert abs(len(split.query) - 0.1 * n) < 2 and abs(len(split.train) - 0.45 * n) < 1
+
+
+def test_file_order_reproduces_the_debugging_logs_2002_queries():
+    assert make_split("file-order", 20015).sizes() == {"query": 2002, "retrieval": 9007, "train": 9006}
+
+
+def test_given_returns_the_given_split_and_checks_it_fits():
+    given = Split(np.array([8, 9]), np.arange(8), np.arange(8))
+    assert make_split("given", 10, given=given) == given
+    with pytest.raises(UserError, match="row 9 but there are only n = 9"):
+        make_split("given", 9, given=given)
+    with pytest.raises(UserError, match="--train-keys"):
+        make_split("given", 10)
+
+
+def test_unknown_protocol_suggests_the_closest():
+    with pytest.raises(UserError, match=r"unknown split protocol 'standart' \(did you mean 'standard'\?\)"):
+        make_split("standart", 100)
+
+
+@pytest.mark.parametrize("protocol, kwargs, fragment", [
+    ("standard", {"n_query": 100}, "n_query = 100 must be at least 1 and below n = 100"),
+    ("standard", {"n_query": 0}, "n_query = 0"),
+    ("standard", {"n_query": 10, "n_train": 95}, "n_train = 95 must be between 1 and the 90 rows"),
+    ("ucch", {"n_query": 150}, "n_query = 150"),
+])
+def test_sizes_that_do_not_fit_name_the_numbers(protocol, kwargs, fragment):
+    with pytest.raises(UserError, match=fragment):
+        make_split(protocol, 100, **kwargs)
+
+
+def test_file_order_too_small():
+    with pytest.raises(UserError, match="n = 2 is too small"):
+        make_split("file-order", 2)
+
+
+def test_recorded_seed_only_for_seeded_protocols():
+    assert [recorded_seed(p, 4) for p in SPLIT_PROTOCOLS] == [4, -1, -1, -1]
