@@ -41,11 +41,16 @@ def code_statistics(codes_image: torch.Tensor, codes_text: torch.Tensor) -> dict
 
 @torch.no_grad()
 def model_probes(model: AGCH, zv: torch.Tensor, zt: torch.Tensor, config: Config) -> dict[str, float]:
-    """GCN weight spread and sign agreement of the fusion code B^h with the GCN codes on one probe batch."""
+    """Relaxed code magnitude, GCN weight spread, and sign agreement of B^h with the GCN codes on one probe batch."""
     _, adjacency = batch_similarity(zv, zt, config)
     codes = model(zv, zt, adjacency)
     weights = [p for n, p in model.named_parameters() if n.startswith("gcn_") and n.endswith("weight")]
     return {
+        "code_abs_mean_image": float(codes.v.abs().mean()),
+        "code_abs_mean_text": float(codes.t.abs().mean()),
+        # what the alignment and balance fixes act on: relaxed codes, before sign()
+        "pair_sq_diff": float((codes.v - codes.t).square().mean()),
+        "raw_bit_balance": float((codes.v.mean(dim=0).abs().mean() + codes.t.mean(dim=0).abs().mean()) / 2),
         "gcn_weight_std": float(torch.stack([w.std() for w in weights]).mean()),
         "sign_agree_h_gv": float(((codes.h >= 0) == (codes.gv >= 0)).float().mean()),
         "sign_agree_h_gt": float(((codes.h >= 0) == (codes.gt >= 0)).float().mean()),

@@ -1,0 +1,97 @@
+"""The CLI surface every command shares: data, preset, overrides, fixes, seed, device, tracking."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agch import config as cfg
+from agch.errors import UserError
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    """--data --preset --config --set --fix --seed --device --tracking-uri."""
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset file (agch-data format); default: the bundled synthetic MIRFlickr-like set")
+    parser.add_argument("--preset", default="paper", help=f"base settings: {', '.join(cfg.PRESETS)} (default paper)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML of config keys (optionally 'preset: NAME'); applied after --preset")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set delta=1.0 (repeatable)")
+    parser.add_argument("--fix", dest="fixes", action="append", default=[], metavar="NAME=on|off",
+                        help=f"switch a debugging-log fix: {', '.join(cfg.FIX_ALIASES)} (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default: an SQLite file under ./.agch, or $AGCH_HOME)")
+
+
+def parse_pairs(items: Sequence[str], option: str) -> dict[str, str]:
+    """['a=1', 'b=2'] → {'a': '1', 'b': '2'}, with an error naming the option for anything else."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"{option} expects KEY=VALUE, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file; syntax errors name the file and line."""
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: malformed YAML: {getattr(err, 'problem', err)}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> cfg.Config:
+    """Preset, then the --config file, then --set, then --fix, then --seed."""
+    base = args.preset
+    file_overrides: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = load_yaml(args.config) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
+        file_overrides = dict(loaded)
+        base = file_overrides.pop("preset", base)
+    config = cfg.preset(base)
+    config = cfg.apply(config, file_overrides, where=str(args.config) if args.config else "")
+    config = cfg.apply(config, parse_pairs(args.overrides, "--set"), where="--set")
+    fixes = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in parse_pairs(args.fixes, "--fix").items()}
+    config = cfg.apply(config, fixes, where="--fix")
+    if args.seed is not None:
+        config = cfg.apply(config, {"seed": args.seed}, where="--seed")
+    return config
+
+
+def dataset_path(args: argparse.Namespace) -> Path:
+    """--data as an absolute path, or the default synthetic dataset (generated on first use)."""
+    if args.data is None:
+        from agch.paths import default_dataset
+
+        return default_dataset()
+    return args.data.expanduser().resolve()
+
+
+def run_main(prog: str, handler: Callable[[], int | None]) -> int:
+    """Run a CLI body: user errors become one line on stderr and exit 2; Ctrl-C exits 130."""
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter on every first use
+    try:
+        return handler() or 0
+    except UserError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; everything finished so far is recorded", file=sys.stderr)
+        return 130

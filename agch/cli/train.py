@@ -1,0 +1,89 @@
+"""agch-train: one tracked training run from a preset plus overrides."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agch.cli.common import add_common_options, config_from_args, dataset_path, run_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agch-train", description="Train AGCH once and log it to MLflow.",
+        epilog="example: agch-train --preset paper --set delta=1.0 --fix alignment=on --seed 1")
+    add_common_options(parser)
+    parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
+    parser.add_argument("--run-name", default=None, help="MLflow run name (default: preset-bits-seed)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (print only)")
+    return parser
+
+
+def describe(metrics: dict[str, float], protocol: dict, k: int) -> str:
+    """The headline figures with their full protocol (protocol.md)."""
+    where = (f"{protocol['bits']} bits, {protocol['split']} split ({protocol['n_query']} queries vs "
+             f"{protocol['n_database']} database), dataset {protocol['dataset']}, synthetic parts: {protocol['synthetic']}")
+    return (f"mAP@{k}: I->T {metrics[f'map{k}_i2t']:.4f}  T->I {metrics[f'map{k}_t2i']:.4f} | "
+            f"mAP@ALL: I->T {metrics['mapall_i2t']:.4f}  T->I {metrics['mapall_t2i']:.4f}  [{where}]")
+
+
+def run(argv: list[str] | None) -> int:
+    from tqdm import tqdm
+
+    from agch.data import open_dataset
+    from agch.tracking import Tracker, log_result, run_tags
+    from agch.config import to_flat
+    from agch.train import resolve_device, train
+
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    device = str(resolve_device(args.device))  # every user error is found before anything is recorded
+    with open_dataset(dataset_path(args)) as data:
+        tracker = None if args.no_tracking else Tracker(args.tracking_uri, args.experiment)
+        run_id = None
+        if tracker is not None:
+            name = args.run_name or f"{args.preset}-{config.bits}bit-seed{config.seed}"
+            run_id = tracker.start_run(name, tags=run_tags(config, data))
+            tracker.log_params(run_id, to_flat(config))
+        bar = tqdm(total=config.epochs, desc="agch-train", unit="epoch", file=sys.stderr)
+        last_map = "n/a"
+
+        def on_epoch(report) -> None:
+            nonlocal last_map
+            if report.metrics:
+                last_map = f"{report.metrics[f'map{config.topk}_mean']:.4f}"
+            bar.set_postfix_str(f"loss {report.losses['total']:.4g}  mAP@{config.topk}(mean) {last_map}")
+            bar.update(1)
+            if tracker is not None:
+                tracker.log_metrics(run_id, {f"loss_{k}": v for k, v in report.losses.items()}, report.epoch)
+                if report.metrics:
+                    tracker.log_metrics(run_id, report.metrics, report.epoch)
+
+        try:
+            result = train(config, data, on_epoch, device=device)
+        except BaseException:
+            bar.close()
+            if tracker is not None:
+                tracker.end_run(run_id, "KILLED")
+            raise
+        bar.close()
+        if tracker is not None:
+            log_result(tracker, run_id, config, result)
+            tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
+    if result.status != "finished":
+        print(f"agch-train: run failed: {result.reason}", file=sys.stderr)
+    if result.metrics.get(f"map{config.topk}_i2t") is not None:
+        print(describe(result.metrics, result.protocol, config.topk))
+    if result.collapsed:
+        print("agch-train: warning: codes collapsed (fewer than 5% unique codes)", file=sys.stderr)
+    if tracker is not None:
+        print(f"logged to MLflow run {run_id} at {tracker.uri} (experiment {args.experiment})")
+    return 0 if result.status == "finished" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("agch-train", lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

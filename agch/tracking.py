@@ -1,0 +1,174 @@
+"""MLflow adapter: one run per training, nested runs under a parent, params/metrics/artifacts. Public APIs only.
+
+Uses MlflowClient with explicit run ids (no global active run), so Ray trials and threads can log side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from agch import __version__
+from agch import config as cfg
+from agch.errors import UserError
+from agch.paths import default_artifact_root, default_tracking_uri, home
+
+DEFAULT_EXPERIMENT = "agch"
+
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use: the given one, else the embedded SQLite store (absolute)."""
+    if uri:
+        return uri
+    home().mkdir(parents=True, exist_ok=True)
+    return default_tracking_uri()
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any trial starts) when a tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            if response.status != 200:
+                raise UserError(f"tracking server {uri} answered HTTP {response.status} on /health")
+    except (urllib.error.URLError, OSError) as err:
+        raise UserError(f"tracking server {uri} is unreachable ({getattr(err, 'reason', err)}); "
+                        "start it or pass another --tracking-uri") from None
+
+
+def code_version() -> str:
+    """Package version plus the git commit of the source tree when it is a checkout ('+dirty' if modified)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+class Tracker:
+    """Thin wrapper over MlflowClient for one tracking store and experiment."""
+
+    def __init__(self, uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT):
+        from mlflow.tracking import MlflowClient  # heavy: import on use
+
+        self.uri = resolve_uri(uri)
+        check_reachable(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            location = default_artifact_root() if self.uri == default_tracking_uri() else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+
+    def start_run(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
+        """Create a run (nested under `parent` when given) and return its id."""
+        tags = dict(tags or {}, **{"agch.code_version": code_version()})
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_files(self, run_id: str, files: dict[str, Any], artifact_path: str | None = None) -> None:
+        """Write each {name: content} (str, bytes, dict → YAML, ndarray dict → .npz) and upload them."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                path = Path(tmp) / name
+                if isinstance(content, dict) and name.endswith(".npz"):
+                    np.savez_compressed(path, **content)
+                elif isinstance(content, (dict, list)):
+                    path.write_text(yaml.safe_dump(content, sort_keys=False) if name.endswith(".yaml")
+                                    else json.dumps(content, indent=2, default=str))
+                elif isinstance(content, bytes):
+                    path.write_bytes(content)
+                else:
+                    path.write_text(str(content))
+            self.client.log_artifacts(run_id, tmp, artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+def run_tags(config: cfg.Config, data: Any) -> dict[str, str]:
+    """Tags naming what a run computed on: dataset identity, synthetic parts, split, config identity."""
+    return {
+        "dataset.name": data.name,
+        "dataset.path": str(data.path),
+        "dataset.identity": data.identity,
+        "dataset.synthetic": ",".join(sorted(data.synthetic)) or "none",
+        "dataset.split": str(data.meta.get("split_protocol")),
+        "agch.identity": cfg.identity(config, dataset=data.identity),
+        "agch.bits": str(config.bits),
+    }
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """Per-epoch rows as CSV (columns: the union of keys, epoch first)."""
+    keys = sorted({k for row in history for k in row} - {"epoch"})
+    lines = [["epoch", *keys]] + [[row.get("epoch"), *(row.get(k, "") for k in keys)] for row in history]
+    with tempfile.TemporaryFile("w+", newline="") as fh:
+        csv.writer(fh).writerows(lines)
+        fh.seek(0)
+        return fh.read()
+
+
+CODES_README = """codes.npz: the final sign codes of this run, int8 in {-1,+1}, one row per item.
+codes_query_image / codes_query_text: query set codes (image / text modality);
+codes_retrieval_image / codes_retrieval_text: retrieval (database) set codes;
+labels_query / labels_retrieval: multi-hot labels (uint8); index_query / index_retrieval: rows in the dataset file.
+I->T ranks codes_retrieval_text by Hamming distance to each row of codes_query_image; T->I the other way round.
+Relevance = at least one shared label. See protocol.json for the split and dataset these come from.
+"""
+
+
+def log_result(tracker: Tracker, run_id: str, config: cfg.Config, result: Any) -> None:
+    """Final metrics, status, protocol and artifacts (codes, curves, history, a config agch-train accepts)."""
+    tracker.log_metrics(run_id, result.metrics, step=result.epochs_run)
+    tracker.log_metrics(run_id, {"train_seconds": result.seconds}, step=result.epochs_run)
+    tracker.set_tags(run_id, {"agch.status": result.status, "agch.reason": result.reason or "",
+                              "agch.failed_epoch": result.failed_epoch or "", "agch.collapsed": result.collapsed,
+                              "agch.device": result.device})
+    files: dict[str, Any] = {"protocol.json": result.protocol, "config.yaml": {"preset": "paper", **cfg.to_flat(config)},
+                             "history.csv": history_csv(result.history)}
+    if result.codes:
+        files["codes.npz"] = result.codes
+        files["codes_README.txt"] = CODES_README
+    if result.curves:
+        files["curves.npz"] = result.curves
+    tracker.log_files(run_id, files)

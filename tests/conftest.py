@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny synthetic datasets and a private AGCH_HOME per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agch import config as cfg
+from agch.synth import build_synthetic_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# A model small enough that a few epochs take seconds on 2 CPU cores.
+TINY = {"bits": 16, "epochs": 4, "eval_every": 2, "batch_size": 32, "text_hidden": 64, "gcn_hidden": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A 600-pair fully synthetic MIRFlickr-like set: 256-d images, 100 queries, 300 training pairs."""
+    path = tmp_path_factory.mktemp("data") / "tiny.h5"
+    return build_synthetic_dataset(path, seed=0, n=600, image_dim=256, n_query=100, n_train=300)
+
+
+@pytest.fixture
+def tiny_config() -> cfg.Config:
+    return cfg.apply(cfg.preset("paper"), TINY)
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path, monkeypatch) -> Path:
+    """Every test gets its own AGCH_HOME, so nothing lands in the checkout."""
+    home = tmp_path / "agch-home"
+    monkeypatch.setenv("AGCH_HOME", str(home))
+    return home
