@@ -1,0 +1,115 @@
+"""Time agch.metrics.evaluate_hashing against the per-query numpy oracle at MIRFlickr-25K size.
+
+2,000 queries x 18,015 database items (the project's standard split), random +-1 codes, the real MIRFlickr-25K
+labels when ../shared/data has them (else random multi-hot labels, and the output says so).
+Run from the repository root:
+
+    python bench/bench_map.py [--device cuda] [--repeats 3] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+N_QUERIES = 2000
+N_LABELS_SYNTHETIC = 24
+
+
+def load_labels(data_dir: Path, seed: int) -> tuple[np.ndarray, str]:
+    """(20015, 24) uint8 labels: the real MIRFlickr-25K LAll, or random multi-hot ones of that size."""
+    path = data_dir / "mirflickr25k-lall.mat"
+    if path.exists():
+        import scipy.io
+
+        return scipy.io.loadmat(path)["LAll"], "real MIRFlickr-25K labels"
+    rng = np.random.default_rng(seed)
+    labels = (rng.random((20015, N_LABELS_SYNTHETIC)) < 0.16).astype(np.uint8)
+    labels[np.arange(len(labels)), rng.integers(0, N_LABELS_SYNTHETIC, len(labels))] = 1  # >= 1 label, as in MIRFlickr
+    return labels, f"SYNTHETIC random multi-hot labels ({path} not found)"
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+    """Fastest wall time of `repeats` calls, and the last result."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="torch device for evaluate_hashing (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--bits", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the split and the random codes")
+    parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    sys.path.insert(0, str(REPO_ROOT))  # for tests.map_oracle when run as a script
+    from agch.metrics import evaluate_hashing
+    from agch.splits import make_split
+    from tests.map_oracle import oracle_map, oracle_relevance
+
+    device = torch.device(args.device)
+    labels, label_source = load_labels(args.data_dir, args.seed)
+    split = make_split("standard", len(labels), seed=args.seed, n_query=N_QUERIES)
+    query_labels, db_labels = labels[split.query], labels[split.retrieval]
+    rng = np.random.default_rng(args.seed)
+    query_codes = rng.choice(np.array([-1, 1], dtype=np.int8), (N_QUERIES, args.bits))
+    db_codes = rng.choice(np.array([-1, 1], dtype=np.int8), (len(db_labels), args.bits))
+    tensors = [torch.from_numpy(a).to(device) for a in (query_codes, db_codes, query_labels, db_labels)]
+    protocol = (f"I->T-style {args.bits} bits, random +-1 codes, {label_source}, "
+                f"standard split (seed {args.seed}) {N_QUERIES} queries x {len(db_labels)} database")
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    print(f"device: {device} ({where}); torch {torch.__version__}, numpy {np.__version__}")
+
+    def run(ks: tuple[int | None, ...], **kwargs: object) -> Callable[[], object]:
+        return lambda: evaluate_hashing(*tensors, ks=ks, **kwargs)
+
+    metrics_only = {"precision_ks": (), "pr_curve": False}
+    t_all, m_all = best_time(run((None,), **metrics_only), args.repeats)
+    t_50, m_50 = best_time(run((50,), **metrics_only), args.repeats)
+    t_full, m_full = best_time(run((50, None)), args.repeats)
+
+    oracle_relevant = oracle_relevance(query_labels, db_labels)  # not timed: its int64 matmul is deliberately naive
+
+    def oracle() -> float:
+        # Hamming distances by a numpy float32 matmul, then the per-query loop of tests/map_oracle.py
+        dist = (args.bits - query_codes.astype(np.float32) @ db_codes.astype(np.float32).T) / 2
+        return oracle_map(dist, oracle_relevant, None)
+
+    oracle_repeats = max(1, min(args.repeats, 2))
+    t_oracle, map_oracle = best_time(oracle, oracle_repeats)
+
+    print(f"mAP@ALL {m_all.map['map@all']:.4f} evaluate_hashing, {map_oracle:.4f} oracle "
+          f"(|diff| {abs(m_all.map['map@all'] - map_oracle):.1e}); {protocol}")
+    print(f"mAP@50  {m_50.map['map@50']:.4f} evaluate_hashing; {protocol}")
+    print(f"time mAP@ALL: evaluate_hashing {t_all * 1e3:.0f} ms, oracle {t_oracle * 1e3:.0f} ms, "
+          f"speed-up {t_oracle / t_all:.1f}x")
+    print(f"time mAP@50:  evaluate_hashing {t_50 * 1e3:.0f} ms")
+    print(f"time mAP@50 + mAP@ALL + precision@k + PR curve, one call: evaluate_hashing {t_full * 1e3:.0f} ms")
+    print(f"(wall clock, best of {args.repeats} runs, oracle best of {oracle_repeats}. evaluate_hashing times include "
+          f"distances and relevance, the oracle's include distances. Load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs: other processes slow multi-threaded torch a lot, compare with --threads 1)")
+
+
+if __name__ == "__main__":
+    main()
