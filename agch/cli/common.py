@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,8 +29,9 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
                         help=f"switch a debugging-log fix: {', '.join(cfg.FIX_ALIASES)} (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default: an SQLite file under ./.agch, or $AGCH_HOME)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
+                             "$AGCH_HOME, default ./.agch)")
 
 
 def parse_pairs(items: Sequence[str], option: str) -> dict[str, str]:
