@@ -19,11 +19,6 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{home() / 'mlflow.db'}"
 
 
-def default_artifact_root() -> str:
-    """Artifacts of the embedded store, beside its SQLite file."""
-    return (home() / "mlartifacts").as_uri()
-
-
 def default_dataset() -> Path:
     """The embedded default dataset (fully synthetic MIRFlickr-like), generated and cached on first use."""
     path = home() / "data" / DEFAULT_DATASET_NAME

@@ -22,7 +22,7 @@ import yaml
 from agch import __version__
 from agch import config as cfg
 from agch.errors import UserError
-from agch.paths import default_artifact_root, default_tracking_uri, home
+from agch.paths import home
 
 DEFAULT_EXPERIMENT = "agch"
 
@@ -61,6 +61,14 @@ def code_version() -> str:
         return __version__
 
 
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of an SQLite store go beside its file (MLflow's default is ./mlruns of whatever the cwd is);
+    a server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
 class Tracker:
     """Thin wrapper over MlflowClient for one tracking store and experiment."""
 
@@ -74,8 +82,7 @@ class Tracker:
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
-            location = default_artifact_root() if self.uri == default_tracking_uri() else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root(self.uri))
 
     def start_run(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
         """Create a run (nested under `parent` when given) and return its id."""
