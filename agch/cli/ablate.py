@@ -1,0 +1,172 @@
+"""agch-ablate: does each debugging-log fix help, beyond seed noise? Cells × seeds in Ray Tune, paired statistics."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from agch import config as cfg
+from agch.cli.common import add_common_options, dataset_path, load_yaml, parse_pairs, run_main
+from agch.errors import UserError, unknown
+
+EPILOG = """examples:
+  agch-ablate --fix alignment                      # alignment on vs off on the paper preset, 5 seeds
+  agch-ablate --fix balance --fix quantization --design leave-one-out
+  agch-ablate ablations/debug_log_story.yaml       # every fix, added to the paper and removed from the log's final
+  agch-ablate debug_log_story --seeds 3 --epochs 2 # a quicker look at the same
+
+--fix NAME toggles a fix (the ablation's subject); --fix NAME=on|off holds one fixed in every cell.
+A cell × seed already recorded in the tracking store (same config identity, seed and dataset) is reused."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from agch.ablation import DEFAULT_BUDGET, DEFAULT_SEEDS, DESIGNS
+
+    parser = argparse.ArgumentParser(
+        prog="agch-ablate", description="Ablate the debugging log's fixes: each on vs off, same seeds, paired tests.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("file", nargs="?", default=None,
+                        help="ablation YAML (a path, or a shipped one by name: ablations/NAME.yaml, NAME)")
+    add_common_options(parser)
+    parser.set_defaults(preset=None)  # None = the design's own base preset (paper, or debug-log for leave-one-out)
+    parser.add_argument("--design", choices=list(DESIGNS), default=None,
+                        help="design without a file (default one-fix); with a file, replaces the file's designs")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds per cell (default: the file's, else {DEFAULT_SEEDS}); numbered from --seed (0)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"training epochs per run (default: the file's, else {DEFAULT_BUDGET['epochs']})")
+    parser.add_argument("--rerun", action="store_true",
+                        help="train every cell × seed again even when recorded; never resume an interrupted run")
+    parser.add_argument("--name", default=None, help="ablation name (default: the file's, else fix-NAME...)")
+    parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
+    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="GPU fraction per trial (default: the file's, else 0.25 when a GPU is present)")
+    return parser
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    """The ablation file (or the default design) with the command line's options layered on top."""
+    from agch.ablation import (DEFAULT_BUDGET, AblationSpec, Design, DESIGNS, check_resources, fixed_fixes,
+                               load_spec, resolve_spec_path)
+
+    toggled = tuple(cfg.fix_name(f, "--fix") for f in args.fixes if "=" not in f)
+    held = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in
+            parse_pairs([f for f in args.fixes if "=" in f], "--fix").items()}
+    if len(set(toggled)) != len(toggled):
+        raise UserError("--fix: a fix is toggled twice")
+    preset = args.preset
+    config_overrides: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = load_yaml(args.config) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
+        config_overrides = dict(loaded)
+        preset = config_overrides.pop("preset", preset)
+    if args.file is not None:
+        spec = load_spec(resolve_spec_path(args.file))
+        where = f"{args.file} overrides"
+    elif toggled:
+        spec = AblationSpec(name="fix-" + "-".join(f.replace("_", "-") for f in toggled),
+                            designs=(Design("one-fix", "paper"),), fixes=toggled, overrides=dict(DEFAULT_BUDGET))
+        where = "the default budget"
+    else:
+        raise UserError(f"nothing to ablate: name a fix (--fix NAME, one of {', '.join(cfg.FIX_ALIASES)}) "
+                        "or an ablation file")
+    fixes = toggled or spec.fixes
+    sources = [(spec.overrides, where), (config_overrides, str(args.config)),
+               (parse_pairs(args.overrides, "--set"), "--set"), (held, "--fix NAME=on|off")]
+    for overrides, source in sources:
+        both = [f for f in fixes if f in fixed_fixes(overrides, source)]
+        if both:
+            name = both[0].replace("_", "-")
+            raise UserError(f"fix '{name}' is both toggled and held fixed (in {source}); "
+                            f"drop one: an ablation cannot switch a fix it also fixes")
+    overrides = {k: v for o, _ in sources for k, v in o.items()}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if "seed" in overrides:
+        raise UserError("seed cannot be set with --set/--config here: use --seed (first seed) and --seeds (count)")
+    kinds = [args.design] if args.design else [d.kind for d in spec.designs]
+    designs = tuple(dict.fromkeys(Design(k, preset or _file_preset(spec, k) or DESIGNS[k]) for k in kinds))
+    for design in designs:
+        if design.preset not in cfg.PRESETS:
+            raise unknown("preset", design.preset, cfg.PRESETS, f"--preset ({design.kind} needs a base preset)")
+        cfg.apply(cfg.preset(design.preset), overrides, where="ablation settings")
+    if args.seeds is not None and args.seeds < 1:
+        raise UserError(f"--seeds must be >= 1 (>= 2 for a verdict), got {args.seeds}")
+    seeds = spec.seeds
+    if args.seeds is not None or args.seed is not None:
+        first = args.seed if args.seed is not None else 0
+        seeds = tuple(range(first, first + (args.seeds if args.seeds is not None else len(spec.seeds))))
+    resources = dict(spec.resources)
+    if args.gpus_per_trial is not None:
+        resources["gpu"] = args.gpus_per_trial
+    return dataclasses.replace(
+        spec, name=args.name or spec.name, designs=designs, fixes=fixes, overrides=overrides, seeds=seeds,
+        resources=check_resources(resources, "--gpus-per-trial"),
+        max_concurrent=args.max_concurrent or spec.max_concurrent)
+
+
+def _file_preset(spec: Any, kind: str) -> str | None:
+    """The preset the file gave this design kind, if it has that kind."""
+    return next((d.preset for d in spec.designs if d.kind == kind), None)
+
+
+def live_line(label: str, seed: int, metrics: dict[str, Any], topk: int) -> str | None:
+    """One console line per evaluated epoch of a trial (None for epochs without mAP)."""
+    key = f"map{topk}_mean"
+    if metrics.get(key) is None:
+        return None
+    epoch = metrics.get("epoch", metrics.get("training_iteration", "?"))
+    return (f"  {label} seed {seed} epoch {epoch}: mAP@{topk} (mean of I->T, T->I) {metrics[key]:.4f}  "
+            f"mAP@ALL (mean) {metrics.get('mapall_mean', float('nan')):.4f}")
+
+
+def run(argv: list[str] | None) -> int:
+    from agch.ablation import analyse, publish, report_tables, run_ablation
+
+    args = build_parser().parse_args(argv)
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise UserError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    spec = spec_from_args(args)
+    if len(spec.seeds) < 2:
+        print(f"agch-ablate: warning: {len(spec.seeds)} seed: the runs go ahead, but no verdict is possible "
+              "(a paired test needs >= 2 seeds)", file=sys.stderr)
+    data = dataset_path(args) if spec.dataset is None or args.data is not None else spec.dataset.resolve()
+    topk = cfg.apply(cfg.preset(spec.designs[0].preset), spec.overrides).topk
+    say = lambda text: print(text, flush=True)  # noqa: E731
+
+    def on_result(label: str, seed: int, metrics: dict[str, Any]) -> None:
+        line = live_line(label, seed, metrics, topk)
+        if line:
+            say(line)
+
+    say(f"agch-ablate {spec.name}: {', '.join(d.kind + ' (' + d.preset + ')' for d in spec.designs)} over "
+        f"{', '.join(f.replace('_', '-') for f in spec.fixes)}; seeds {', '.join(map(str, spec.seeds))}; "
+        f"dataset {data}")
+    result = run_ablation(spec, data, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                          device=args.device, rerun=args.rerun, ray_address=args.ray_address, on_result=on_result,
+                          say=say)
+    results = analyse(result)
+    tables = report_tables(result, results)
+    publish(result, results, tables)
+    say("\n" + tables["console"])
+    say(f"\nMLflow: parent run {result.parent_run_id} (experiment {result.experiment}) at {result.tracking_uri}; "
+        f"artifacts results.md, comparisons.csv, trials.csv, effects.png. "
+        f"Browse: mlflow ui --backend-store-uri {result.tracking_uri}")
+    if result.interrupted:
+        print("agch-ablate: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 1 if result.count(status="failed") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("agch-ablate", lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""Paired statistics for the ablation: one fix on vs off, matched by seed, with a plain verdict.
+
+The seed is the pairing unit: both arms of a comparison are trained with the same seeds, so the per-seed
+difference removes the seed's own effect (weight init, batch order) and the test sees only the fix's.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+CONFIDENCE = 0.95
+"""Level of the paired-difference confidence interval; the verdict uses the same level (α = 1 − CONFIDENCE)."""
+
+
+@dataclass(frozen=True)
+class ArmSummary:
+    """Mean and sample standard deviation (ddof = 1; NaN for one value) of one arm over its seeds."""
+
+    n: int
+    mean: float
+    std: float
+
+    def text(self, digits: int = 4) -> str:
+        """'0.7123 ± 0.0041' (the ± part is left out when there is one value)."""
+        if self.n == 0:
+            return "n/a"
+        if math.isnan(self.std):
+            return f"{self.mean:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """The comparison of one metric between the 'on' and 'off' arms over the seeds both arms have."""
+
+    n: int
+    on: ArmSummary
+    off: ArmSummary
+    diff_mean: float
+    """mean over seeds of (on − off)."""
+    ci_low: float
+    ci_high: float
+    """t-based CONFIDENCE interval of the mean paired difference (NaN with fewer than 2 seeds)."""
+    p_t: float
+    """two-sided paired t-test p-value."""
+    p_wilcoxon: float
+    """two-sided Wilcoxon signed-rank p-value (exact for small n; zero differences dropped)."""
+    verdict: str
+
+
+def summarize(values: Sequence[float]) -> ArmSummary:
+    """Mean ± sample std of finite values (NaNs, e.g. from failed runs, are left out)."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    if len(x) == 0:
+        return ArmSummary(0, math.nan, math.nan)
+    return ArmSummary(len(x), float(x.mean()), float(x.std(ddof=1)) if len(x) > 1 else math.nan)
+
+
+def min_wilcoxon_p(n: int) -> float:
+    """Smallest two-sided p the exact signed-rank test can give with n non-zero differences: 2 / 2^n."""
+    return min(1.0, 2.0 / 2.0 ** n) if n > 0 else 1.0
+
+
+def verdict_of(n: int, ci_low: float, ci_high: float, higher_is_better: bool = True) -> str:
+    """'helps' / 'hurts' when the interval excludes 0, else 'no detectable effect at n seeds'."""
+    if n < 2:
+        return f"no verdict possible ({n} seed{'s' if n != 1 else ''}; need >= 2)"
+    if ci_low > 0 or ci_high < 0:
+        better = (ci_low > 0) == higher_is_better
+        return "helps" if better else "hurts"
+    return f"no detectable effect at {n} seeds"
+
+
+def paired_compare(on: Sequence[float], off: Sequence[float], *, higher_is_better: bool = True,
+                   confidence: float = CONFIDENCE) -> PairedResult:
+    """Compare two arms measured on the same seeds (on[i] and off[i] share seed i).
+
+    Pairs where either value is missing or not finite (a failed run) are dropped before testing.
+
+    Args:
+        on: the metric with the fix on, one value per seed.
+        off: the metric with the fix off, same seed order.
+        higher_is_better: True for mAP (a positive difference 'helps').
+        confidence: level of the interval of the mean difference.
+
+    Returns:
+        PairedResult with the per-arm summaries, the mean difference, its t-based interval, the paired t and
+        Wilcoxon p-values and the verdict.
+
+    Example:
+        >>> r = paired_compare([0.71, 0.72, 0.70, 0.73, 0.72], [0.65, 0.66, 0.66, 0.67, 0.65])
+        >>> r.verdict, round(r.diff_mean, 3)
+        ('helps', 0.058)
+    """
+    if len(on) != len(off):
+        raise ValueError(f"paired arms need the same number of seeds, got {len(on)} and {len(off)}")
+    pairs = [(a, b) for a, b in zip(on, off) if _finite(a) and _finite(b)]
+    a = np.asarray([p[0] for p in pairs], dtype=float)
+    b = np.asarray([p[1] for p in pairs], dtype=float)
+    n = len(pairs)
+    d = a - b
+    diff_mean = float(d.mean()) if n else math.nan
+    ci_low = ci_high = p_t = p_w = math.nan
+    if n >= 2:
+        sd = float(d.std(ddof=1))
+        if sd == 0.0:
+            # Every seed moved by exactly the same amount: a zero-width interval; the tests are degenerate.
+            ci_low = ci_high = diff_mean
+            p_t = p_w = 1.0 if diff_mean == 0.0 else 0.0
+        else:
+            half = sps.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+            ci_low, ci_high = diff_mean - half, diff_mean + half
+            p_t = float(2 * sps.t.sf(abs(diff_mean / (sd / math.sqrt(n))), n - 1))
+            p_w = _wilcoxon(d)
+    return PairedResult(n=n, on=summarize(a), off=summarize(b), diff_mean=diff_mean, ci_low=ci_low,
+                        ci_high=ci_high, p_t=p_t, p_wilcoxon=p_w,
+                        verdict=verdict_of(n, ci_low, ci_high, higher_is_better))
+
+
+def _wilcoxon(d: np.ndarray) -> float:
+    """Two-sided signed-rank p; 1.0 when every difference is zero (nothing to rank)."""
+    if not np.any(d != 0):
+        return 1.0
+    with warnings.catch_warnings():  # scipy warns that small n with ties falls back to the normal approximation
+        warnings.simplefilter("ignore")
+        return float(sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+# ---------------------------------------------------------------- tables and the effect plot
+
+
+def signed(value: float, digits: int = 4) -> str:
+    """'+0.0123', '-0.0040', 'n/a' for NaN."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.{digits}f}"
+
+
+def interval(result: PairedResult, digits: int = 4) -> str:
+    """'+0.0120 [+0.0050, +0.0190]' (no bracket part when there is no interval)."""
+    if math.isnan(result.ci_low):
+        return signed(result.diff_mean, digits)
+    return f"{signed(result.diff_mean, digits)} [{signed(result.ci_low, digits)}, {signed(result.ci_high, digits)}]"
+
+
+def p_text(p: float) -> str:
+    return "n/a" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns padded to their widest cell, for the console."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table ('|' inside cells escaped)."""
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def csv_text(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """RFC 4180 CSV with a header line."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(headers)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def effect_plot(panels: dict[str, list[tuple[str, PairedResult]]], title: str) -> bytes:
+    """PNG: one panel per metric, each comparison's mean paired difference with its interval, a line at 0.
+
+    Args:
+        panels: metric label (naming its protocol) → [(comparison name, result)], drawn top to bottom.
+        title: the figure title (the protocol the differences were measured under).
+    """
+    import io
+
+    from matplotlib.figure import Figure  # the object API renders with Agg and touches no global backend
+
+    entries_per_panel = max((len(v) for v in panels.values()), default=1)
+    cols = min(2, len(panels))
+    grid_rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(5.5 * cols, grid_rows * (1.2 + 0.4 * entries_per_panel) + 0.6), layout="constrained")
+    axes = fig.subplots(grid_rows, cols, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (label, entries) in zip(axes, panels.items()):
+        ys = list(range(len(entries)))[::-1]
+        for y, (_, r) in zip(ys, entries):
+            color = {"helps": "tab:green", "hurts": "tab:red"}.get(r.verdict, "tab:gray")
+            err = None if math.isnan(r.ci_low) else [[r.diff_mean - r.ci_low], [r.ci_high - r.diff_mean]]
+            ax.errorbar([r.diff_mean], [y], xerr=err, fmt="o", color=color, capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_ylim(-0.6, len(entries) - 0.4)
+        ax.set_yticks(ys, [name for name, _ in entries])
+        ax.set_xlabel(f"Δ {label} (on − off)")
+        ax.grid(axis="x", alpha=0.3)
+    width = int(12 * 5.5 * cols)  # characters per title line at this font size
+    lines = [*(textwrap.fill(line, width) for line in title.splitlines()),
+             "green: helps, red: hurts, grey: no detectable effect"]
+    fig.suptitle("\n".join(lines), fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

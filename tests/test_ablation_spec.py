@@ -1,0 +1,170 @@
+"""Ablation files, designs → cells, identities and the CLI's bad-input errors (no training, no Ray)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agch import config as cfg
+from agch.ablation import (DEFAULT_BUDGET, SHIPPED_DIR, build_plan, cell_identity, load_spec, parse_spec,
+                           resolve_spec_path, trial_identity)
+from agch.cli.ablate import build_parser, main, spec_from_args
+from agch.errors import UserError
+
+DS = "0123456789abcdef"  # a dataset identity; plans only hash it
+
+
+def spec(**raw):
+    return parse_spec({"name": "t", "design": "one-fix", "fixes": ["alignment"], **raw}, "t.yaml")
+
+
+def labels(plan, ids):
+    return [plan.cells[i].label for i in ids]
+
+
+def test_shipped_files_validate_and_the_story_covers_every_fix_both_ways() -> None:
+    files = sorted(SHIPPED_DIR.glob("*.yaml"))
+    assert files, "ablations/ ships no file"
+    for path in files:
+        plan = build_plan(load_spec(path), DS)
+        assert plan.comparisons and len(plan.spec.seeds) >= 5
+    story = build_plan(load_spec(SHIPPED_DIR / "debug_log_story.yaml"), DS)
+    directions = {(c.fix, c.design) for c in story.comparisons}
+    assert directions == {(f, d) for f in cfg.FIX_NAMES for d in ("add-one-in", "leave-one-out")}
+    assert len(story.cells) == 12
+
+
+def test_add_one_in_starts_from_the_paper_with_the_fixes_off() -> None:
+    plan = build_plan(spec(design="add-one-in", fixes=["similarity", "balance"]), DS)
+    by = {c.fix: c for c in plan.comparisons}
+    off = plan.cells[by["balance"].off[0]].config
+    assert off.fixes.similarity is False and off.fixes.balance is False  # the paper has similarity on: forced off
+    on = plan.cells[by["balance"].on[0]].config
+    assert on.fixes.balance and not on.fixes.similarity
+    assert by["balance"].off == by["similarity"].off  # one shared starting cell
+    assert len(plan.cells) == 3 and off.lam == cfg.preset("paper").lam
+
+
+def test_leave_one_out_starts_from_the_debug_log() -> None:
+    plan = build_plan(spec(design="leave-one-out", fixes=["alignment", "balance"]), DS)
+    full = plan.cells[plan.comparisons[0].on[0]].config
+    log = cfg.preset("debug-log")
+    assert (full.distance, full.batch_size, full.lam) == (log.distance, log.batch_size, log.lam)
+    assert all(getattr(full.fixes, f) for f in cfg.FIX_NAMES)
+    removed = plan.cells[plan.comparisons[1].off[0]].config
+    assert removed.fixes.balance is False and removed.fixes.alignment is True
+
+
+def test_factorial_pairs_every_context() -> None:
+    plan = build_plan(spec(design="factorial", fixes=["quantization", "balance", "alignment"]), DS)
+    assert len(plan.cells) == 8 and len(plan.trials()) == 8 * 5
+    quant = next(c for c in plan.comparisons if c.fix == "quantization")
+    assert len(quant.on) == len(quant.off) == 4
+    for on, off in zip(quant.on, quant.off):  # each pair differs in the compared fix only
+        a, b = plan.cells[on].config, plan.cells[off].config
+        assert dataclasses.replace(a, fixes=dataclasses.replace(a.fixes, quantization=False)) == b
+
+
+def test_identities_ignore_the_seed_for_cells_and_match_run_tags_for_trials() -> None:
+    config = cfg.apply(cfg.preset("paper"), {"bits": 16})
+    seeded = dataclasses.replace(config, seed=3)
+    assert cell_identity(config, DS) == cell_identity(seeded, DS)
+    assert cell_identity(config, DS) != cell_identity(config, "another-dataset")
+    assert trial_identity(config, 3, DS) == cfg.identity(seeded, dataset=DS)  # tracking.run_tags' agch.identity
+    assert trial_identity(config, 3, DS) != trial_identity(config, 4, DS)
+    # eval_every does not change what is computed: the same cell.
+    assert cell_identity(dataclasses.replace(config, eval_every=1), DS) == cell_identity(config, DS)
+
+
+def test_cells_shared_by_two_designs_are_trained_once() -> None:
+    plan = build_plan(spec(design=["one-fix", "add-one-in"], fixes=["alignment"]), DS)
+    # paper has alignment off: one-fix and add-one-in produce the same two cells.
+    assert len(plan.cells) == 2 and len(plan.comparisons) == 2
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"fixes": ["alignmnt"]}, "unknown fix 'alignmnt' (did you mean 'alignment'?); known: alignment, balance"),
+    ({"design": "leave-two-out"}, "unknown design 'leave-two-out'"),
+    ({"design": {"kind": "add-one-in", "preset": "paperr"}}, "unknown preset 'paperr' (did you mean 'paper'?)"),
+    ({"preset": "final"}, "one-fix needs a base preset"),
+    ({"seeds": 0}, "seeds must be >= 1"),
+    ({"seeds": [1, 1]}, "seeds lists a seed twice"),
+    ({"overrides": {"fixes.alignment": "on"}}, "fix 'alignment' is both toggled (fixes) and fixed"),
+    ({"overrides": {"fixes": {"alignment": False}}}, "both toggled"),
+    ({"overrides": {"seed": 3}}, "'seed' cannot be an override"),
+    ({"overrides": {"dleta": 1.0}}, "unknown config key 'dleta' (did you mean 'delta'?)"),
+    ({"bits": 16, "overrides": {"bits": 32}}, "'bits' is given both at the top level and in overrides"),
+    ({"resources": {"gpus": 1}}, "unknown resource 'gpus' (did you mean 'gpu'?)"),
+    ({"fixes": ["balance", "balance"]}, "a fix is listed twice"),
+    ({"sedes": 3}, "unknown ablation key 'sedes' (did you mean 'seeds'?)"),
+])
+def test_bad_files_fail_with_a_clear_message(raw: dict, message: str) -> None:
+    with pytest.raises(UserError) as err:
+        spec(**raw)
+    assert message in str(err.value) and "t.yaml" in str(err.value)
+
+
+def test_shipped_files_resolve_by_name(tmp_path: Path) -> None:
+    assert resolve_spec_path("debug_log_story") == SHIPPED_DIR / "debug_log_story.yaml"
+    assert resolve_spec_path("ablations/debug_log_story.yaml").name == "debug_log_story.yaml"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"name": "m", "design": "one-fix", "fixes": ["balance"], "dataset": "d.h5"}))
+    assert load_spec(resolve_spec_path(str(mine))).dataset == tmp_path / "d.h5"
+    with pytest.raises(UserError, match="ablation file not found: nope.yaml .shipped: .*debug_log_story"):
+        resolve_spec_path("nope.yaml")
+
+
+def cli_spec(*argv: str):
+    return spec_from_args(build_parser().parse_args(list(argv)))
+
+
+def test_fix_alone_is_the_default_design_on_the_default_base_and_budget() -> None:
+    s = cli_spec("--fix", "text-input")
+    assert s.fixes == ("text_input",) and [(d.kind, d.preset) for d in s.designs] == [("one-fix", "paper")]
+    assert len(s.seeds) >= 5 and s.overrides == DEFAULT_BUDGET
+    s = cli_spec("--fix", "alignment", "--seeds", "3", "--seed", "10", "--epochs", "2", "--set", "delta=1",
+                 "--fix", "balance=on", "--design", "leave-one-out")
+    assert s.seeds == (10, 11, 12) and s.overrides["epochs"] == 2 and s.overrides["delta"] == "1"
+    assert s.overrides["fixes.balance"] == "on" and s.designs[0].preset == "debug-log"
+    s = cli_spec("debug_log_story", "--fix", "balance", "--preset", "paper", "--seeds", "2")
+    assert s.fixes == ("balance",) and {d.preset for d in s.designs} == {"paper"} and s.seeds == (0, 1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fix", "alignmnt"], "unknown fix 'alignmnt' (did you mean 'alignment'?); known: alignment, balance"),
+    ([], "nothing to ablate"),
+    (["--fix", "alignment", "--fix", "alignment=on"], "fix 'alignment' is both toggled and held fixed"),
+    (["--fix", "alignment", "--set", "fixes.alignment=off"], "both toggled and held fixed (in --set)"),
+    (["--fix", "balance", "--preset", "final"], "unknown preset 'final'"),
+    (["--fix", "balance", "--seeds", "0"], "--seeds must be >= 1"),
+    (["--fix", "balance", "--set", "seed=3"], "seed cannot be set"),
+    (["no_such_ablation"], "ablation file not found"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agch-ablate: error: ") and message in err and "\n" not in err
+
+
+def test_tune_groups_are_grids_whose_trials_are_exactly_the_plans() -> None:
+    from agch.ablation import group_identities, tune_groups
+    from agch.runner import RunContext, trial_config
+
+    plan = build_plan(load_spec(SHIPPED_DIR / "debug_log_story.yaml"), DS)
+    trials = plan.trials()
+    recorded = {t.identity for t in trials[:3]}  # the first cell's seeds 0-2 are recorded: only 3, 4 left there
+    groups = tune_groups(plan, [t for t in trials if t.identity not in recorded], prefix="g")
+    assert len(groups) == 3  # paper base (seeds 0-4), paper base (seeds 3-4), debug-log base
+    covered: list[str] = []
+    for group in groups:
+        ctx = RunContext(dataset="d.h5", tracking_uri="sqlite:///x.db", experiment="e", parent_run_id="p",
+                         device="cpu", base=group["base"], group=group["name"])
+        # What the runner will train for each grid point carries the identity the driver expects.
+        built = {cfg.identity(trial_config(ctx, {"fixes": fixes, "seed": seed}), dataset=DS)
+                 for fixes in group["fixes"] for seed in group["seeds"]}
+        assert built == group_identities(group, DS)
+        covered += built
+    assert sorted(covered) == sorted({t.identity for t in trials} - recorded)
