@@ -43,6 +43,9 @@ def _synth_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic parts (default 0)")
     parser.add_argument("--n", type=int, help="items (fully synthetic only; default 20015)")
     parser.add_argument("--image-dim", type=int, default=4096, help="image feature dimension (default 4096)")
+    parser.add_argument("--image-signal", type=float, default=None,
+                        help="label signal in the synthetic image features, 0..1 (default: the calibrated level, "
+                             "see docs/synthetic-data.md)")
     _split_options(parser, tuple(p for p in SPLIT_PROTOCOLS if p != "given"), "standard")
 
 
@@ -53,7 +56,8 @@ def _run_synth(args: argparse.Namespace) -> int:
 
     path = build_synthetic_dataset(args.out, seed=args.seed, labels_path=args.labels, tags_path=args.tags, n=args.n,
                                    image_dim=args.image_dim, split=args.split, split_seed=args.split_seed,
-                                   n_query=args.n_query, n_train=args.n_train)
+                                   n_query=args.n_query, n_train=args.n_train,
+                                   **({} if args.image_signal is None else {"image_signal": args.image_signal}))
     return _print_info(path, as_json=False)
 
 
