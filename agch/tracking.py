@@ -22,7 +22,7 @@ import yaml
 from agch import __version__
 from agch import config as cfg
 from agch.errors import UserError
-from agch.paths import home
+from agch.paths import default_tracking_uri, home
 
 DEFAULT_EXPERIMENT = "agch"
 
