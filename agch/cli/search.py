@@ -1,0 +1,183 @@
+"""agch-search: hyperparameter search over a YAML space with an Optuna sampler inside Ray Tune, tracked in MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, TextIO
+
+from agch import config as cfg
+from agch.cli.common import add_common_options, load_yaml, parse_pairs, run_main
+from agch.errors import UserError
+
+STATE_ORDER = ("running", "finished", "stopped", "failed", "interrupted")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agch-search", description="Search AGCH hyperparameters (Optuna sampler inside Ray Tune, MLflow).",
+        epilog="example: agch-search run spaces/delta_gamma.yaml --trials 20 --epochs 10")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,resume,check}")
+    run = commands.add_parser("run", help="start a search from a space file",
+                              description="Start a search. SPACE: a YAML file, or spaces/NAME.yaml (shipped).")
+    run.add_argument("space", help="search-space YAML (spaces/NAME.yaml = shipped search_spaces/NAME.yaml)")
+    add_common_options(run)
+    run.set_defaults(preset=None)  # the space file's preset unless given here
+    run.add_argument("--trials", type=int, default=None, help="number of trials (overrides the file)")
+    run.add_argument("--epochs", type=int, default=None, help="epochs per trial, the budget (overrides the file)")
+    run.add_argument("--storage", default=None,
+                     help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: SQLite beside MLflow's)")
+    run.add_argument("--name", default=None, help="search name: MLflow parent run, Optuna study (default: FILE-time)")
+    run.add_argument("--experiment", default="agch-search", help="MLflow experiment (default agch-search)")
+    resume = commands.add_parser("resume", help="continue an interrupted search",
+                                 description="Continue a search: finished trials are kept, unfinished ones continue.")
+    resume.add_argument("name", help="the search's name (printed when it started)")
+    check = commands.add_parser("check", help="validate a space file and print what it would run")
+    check.add_argument("space", help="search-space YAML (spaces/NAME.yaml = shipped)")
+    for sub in (run, resume):
+        sub.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray)")
+        sub.add_argument("--verbose", action="store_true", help="show Ray's and Optuna's own logging")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--config, --set, --fix, --seed as config keys, in that order of precedence (later wins)."""
+    overrides: dict[str, Any] = {}
+    if args.config is not None:
+        loaded = load_yaml(args.config) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
+        overrides.update({k: v for k, v in loaded.items() if k != "preset"})
+        args.preset = args.preset or loaded.get("preset")
+    overrides.update(parse_pairs(args.overrides, "--set"))
+    overrides.update({f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in parse_pairs(args.fixes, "--fix").items()})
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    return overrides
+
+
+class LiveTable:
+    """The console view of a running search: one row per trial, the best so far, redrawn in place on a terminal.
+
+    Off a terminal (a pipe, a log file) it prints one line per trial event instead.
+    """
+
+    def __init__(self, out: TextIO | None = None, refresh_s: float = 1.0):
+        self.out = out or sys.stdout
+        self.refresh_s, self.tty = refresh_s, self.out.isatty()
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.drawn, self.last_draw = 0, 0.0
+
+    def on_start(self, name: str, space: Any, protocol: str) -> None:
+        self.metric, self.mode, self.names = space.metrics[0], space.mode, [p.name for p in space.parameters]
+        print(f"search {name}: {space.trials} trials x {space.seeds} seed(s), sampler {space.sampler} "
+              f"(seed {space.sampler_seed}), scheduler {space.scheduler}, up to {space.epochs} epochs each, "
+              f"{space.concurrency} at a time", file=self.out)
+        print(f"objective ({space.mode}): {space.metrics[0]} = {protocol}", file=self.out, flush=True)
+
+    def on_result(self, trial_id: str, params: dict, result: dict) -> None:
+        row = self.rows.setdefault(trial_id, {"state": "running", "params": params, "epoch": 0, "value": None})
+        row["epoch"] = result.get("epoch", row["epoch"])
+        if self.metric in result:
+            row["value"] = float(result[self.metric])
+        self._show(trial_id, force=False)
+
+    def on_complete(self, outcome: Any) -> None:
+        row = self.rows.setdefault(outcome.trial_id, {"params": outcome.params, "epoch": 0, "value": None})
+        row.update(state=outcome.status, reason=outcome.reason, epoch=outcome.epochs or row["epoch"])
+        if self.metric in outcome.metrics:
+            row["value"] = outcome.metrics[self.metric]
+        self._show(outcome.trial_id, force=True)
+
+    def best(self) -> tuple[str, dict] | None:
+        scored = [(t, r) for t, r in self.rows.items() if r["value"] is not None and r["state"] == "finished"]
+        if not scored:
+            return None
+        return (max if self.mode == "max" else min)(scored, key=lambda item: item[1]["value"])
+
+    def _line(self, trial_id: str, row: dict) -> str:
+        params = " ".join(f"{n}={_short(row['params'].get(n))}" for n in self.names)
+        value = "-" if row["value"] is None else f"{row['value']:.4f}"
+        extra = f"  ({row['reason']})" if row.get("reason") and row["state"] != "finished" else ""
+        return f"{trial_id:<14} {row['state']:<11} epoch {row['epoch']:>3}  {self.metric} {value:<7} {params}{extra}"
+
+    def _show(self, trial_id: str, force: bool) -> None:
+        if not self.tty:
+            row = self.rows[trial_id]
+            if force or row["value"] is not None:
+                print(self._line(trial_id, row), file=self.out, flush=True)
+            return
+        if not force and time.monotonic() - self.last_draw < self.refresh_s:
+            return
+        lines = [self._line(t, r) for t, r in self.rows.items()]
+        best = self.best()
+        lines.append(f"best so far: {best[0]} {self.metric} {best[1]['value']:.4f}" if best else "best so far: -")
+        if self.drawn:
+            self.out.write(f"\x1b[{self.drawn}F\x1b[J")  # back to the table's first line, clear below
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+        self.drawn, self.last_draw = len(lines), time.monotonic()
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summarize(report: Any, out: TextIO | None = None) -> None:
+    """The final summary: trials by state, the best trial and its config, where to look in MLflow and Optuna."""
+    out = out or sys.stdout
+    counts = {s: sum(o.status == s for o in report.outcomes) for s in STATE_ORDER[1:]}
+    state = "interrupted" if report.interrupted else "finished"
+    print(f"\nsearch {report.name} {state}: " + ", ".join(f"{n} {s}" for s, n in counts.items()), file=out)
+    for note in report.notes:
+        print(f"  note: {note}", file=out)
+    if report.best:
+        values = ", ".join(f"{m} {v:.4f}" for m, v in report.best["values"].items())
+        print(f"best trial: {', '.join(report.best['tune_trial_ids'])} ({values}; {report.protocol})", file=out)
+        print("  params: " + ", ".join(f"{k}={_short(v)}" for k, v in report.best["params"].items()), file=out)
+        print(f"  config for agch-train: agch-train --config {report.best_config}", file=out)
+    else:
+        print("no trial finished yet", file=out)
+    print(f"MLflow: parent run {report.parent_run_id} in experiment '{report.experiment}' at {report.tracking_uri}",
+          file=out)
+    print(f"  browse: mlflow ui --backend-store-uri {report.tracking_uri}", file=out)
+    print(f"Optuna: study '{report.name}' in {report.storage_url}", file=out)
+    if report.interrupted:
+        print(f"continue it with: agch-search resume {report.name}", file=out)
+
+
+def run(argv: list[str] | None) -> int:
+    from agch import search
+
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        space = search.load_space(args.space)
+        print(f"{space.source}: ok: {', '.join(p.name for p in space.parameters)} by {space.sampler}, "
+              f"{space.trials} trials x {space.epochs} epochs, scheduler {space.scheduler}")
+        return 0
+    table = LiveTable()
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a caller's Ray is left running
+    try:
+        if args.command == "resume":
+            report = search.resume(args.name, ray_address=args.ray_address, verbose=args.verbose, listener=table)
+        else:
+            data = args.data.expanduser().resolve() if args.data else None
+            space = search.load_space(args.space, overrides=_overrides(args), preset=args.preset, trials=args.trials,
+                                      epochs=args.epochs, dataset=data)
+            report = search.start(space, name=args.name, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                                  storage_url=args.storage, ray_address=args.ray_address, device=args.device,
+                                  verbose=args.verbose, listener=table)
+    finally:
+        if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+    summarize(report)
+    return 130 if report.interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("agch-search", lambda: run(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""agch.runner: trial configs, the locked-SQLite retry, and a Tune grid with one failing trial (the ablation's use)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agch import config as cfg
+from agch import runner
+from agch.errors import UserError
+from agch.tracking import Tracker
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that runs trials (starting it takes ~10 s); shut down at the end if started here."""
+    started = runner.start_ray(None, {"cpu": 1})
+    yield
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def context(tracking_uri: str, dataset: Path, parent: str, group: str = "grid", **base: object) -> runner.RunContext:
+    # text_input on: without it the paper's text codes collapse on this tiny set (the debugging log's story)
+    config = cfg.apply(cfg.preset("paper"), {**TINY, "epochs": 2, "eval_every": 1, "fixes.text_input": True, **base})
+    return runner.RunContext(dataset=str(dataset), tracking_uri=tracking_uri, experiment="runner-test",
+                             parent_run_id=parent, device="cpu", base=cfg.to_flat(config), group=group)
+
+
+def test_trial_config_applies_params_fixes_and_seed_offsets(tiny_dataset: Path) -> None:
+    ctx = context("sqlite:///unused.db", tiny_dataset, "p", seed=3)
+    config = runner.trial_config(ctx, {"delta": "0.5", "fixes": {"alignment": True}, "fixes.text-input": "on"})
+    assert (config.delta, config.fixes.alignment, config.fixes.text_input, config.seed) == (0.5, True, True, 3)
+    assert runner.trial_config(ctx, {runner.SEED_OFFSET: 2}).seed == 5
+    with pytest.raises(UserError, match="unknown config key 'dleta'"):
+        runner.trial_config(ctx, {"dleta": 1})
+
+
+def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    tracker = runner.RetryingTracker(f"sqlite:///{db}", "locks")
+    run_id = tracker.start_run("r")
+    locked = threading.Event()
+
+    def hold_lock() -> None:  # another writer holds the database past SQLite's own 5 s busy timeout
+        blocker = sqlite3.connect(db, timeout=0)
+        blocker.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(6.5)
+        blocker.rollback()
+        blocker.close()
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    locked.wait()
+    started = time.monotonic()
+    tracker.log_metrics(run_id, {"m": 1.0}, step=0)
+    holder.join()
+    assert time.monotonic() - started > 5  # it did meet the lock, and got through it
+    assert Tracker(f"sqlite:///{db}", "locks").client.get_run(run_id).data.metrics == {"m": 1.0}
+
+
+@pytest.mark.slow
+def test_grid_trials_record_one_run_each_and_a_failure_does_not_stop_the_rest(ray_session, tiny_dataset: Path,
+                                                                              tmp_path: Path) -> None:
+    from ray import tune
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = runner.RetryingTracker(uri, "runner-test")
+    parent = tracker.start_run("grid")
+    ctx = context(uri, tiny_dataset, parent)
+    seen: list[str] = []
+    found = runner.run_trials(ctx, param_space={"lr_text": tune.grid_search([0.01, 1e12])}, metric="epoch",
+                              mode="max", resources={"cpu": 1}, max_concurrent=2, storage_dir=tmp_path / "tune",
+                              name="grid", on_result=lambda trial_id, params, result: seen.append(trial_id))
+    by_lr = {o.params["lr_text"]: o for o in found}
+    assert sorted(by_lr) == [0.01, 1e12]
+    assert by_lr[0.01].status == "finished", by_lr[0.01].reason
+    assert by_lr[0.01].epochs == 2 and "map50_mean" in by_lr[0.01].metrics
+    assert by_lr[1e12].status == "failed" and "non-finite loss" in by_lr[1e12].reason
+    assert by_lr[0.01].trial_id in seen
+    runs = {r.info.run_id: r for r in tracker.group_runs("grid")}
+    assert set(runs) == {o.run_id for o in found}
+    assert {r.info.status for r in runs.values()} == {"FINISHED", "FAILED"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs.values())
+    assert len({frozenset(r.data.params) for r in runs.values()}) == 1  # the same param names in every trial

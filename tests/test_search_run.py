@@ -1,0 +1,211 @@
+"""End-to-end searches on a tiny synthetic dataset (CPU, real Ray, MLflow and Optuna stores under a tmp AGCH_HOME).
+
+MLflow and the Optuna study must hold the same trials; ASHA must stop some; Ctrl-C and a killed driver must leave a
+search that `resume` finishes without rerunning or duplicating anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from agch import runner, search
+from agch.cli.search import main
+from agch.cli.train import build_parser as train_parser
+from agch.cli.common import config_from_args
+from agch.errors import UserError
+from agch.paths import default_tracking_uri
+from tests.conftest import TINY
+from tests.test_runner import ray_session  # noqa: F401  (one local Ray for every test that runs trials)
+
+pytestmark = pytest.mark.slow
+# Tiny networks; text_input on, because without it the paper's text codes collapse on this set within an epoch.
+FIXED = {k: v for k, v in TINY.items() if k not in ("epochs", "eval_every")} | {"fixes.text_input": True}
+SPACE = {
+    "preset": "paper",
+    "fixed": FIXED,
+    "parameters": {"delta": {"low": 0.001, "high": 10, "log": True}, "gamma_v": {"low": 0.5, "high": 4}},
+    "sampler": {"name": "tpe", "seed": 0, "options": {"n_startup_trials": 2}},
+    "scheduler": {"name": "asha", "epochs": 3, "grace_period": 1, "reduction_factor": 4},
+    "trials": 6,
+    "concurrency": 2,
+    "resources": {"cpus": 1},
+}
+
+
+def write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def stores(name: str) -> tuple[runner.RetryingTracker, list, optuna.Study]:
+    """The search's MLflow child runs (after its parent) and its Optuna study, from the default embedded stores."""
+    tracker = runner.RetryingTracker(default_tracking_uri(), "agch-search")
+    study = optuna.load_study(study_name=name, storage=search.default_storage_url())
+    return tracker, tracker.group_runs(name), study
+
+
+def parent_of(tracker: runner.RetryingTracker, name: str) -> object:
+    parents = tracker.client.search_runs([tracker.experiment_id], f"tags.`agch.kind` = 'search' and "
+                                                                  f"tags.`agch.group` = '{name}'")
+    assert len(parents) == 1
+    return parents[0]
+
+
+def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    assert main(["run", str(write(tmp_path, SPACE)), "--data", str(tiny_dataset), "--name", "e2e"]) == 0
+    out = capsys.readouterr().out
+    assert "search e2e finished" in out and "mAP@50 mean(I->T, T->I), 16 bits" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+
+    tracker, runs, study = stores("e2e")
+    parent = parent_of(tracker, "e2e")
+    assert len(runs) == 6 and len({r.data.tags["agch.trial_id"] for r in runs}) == 6
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert len({frozenset(r.data.params) for r in runs}) == 1  # the same param names in every trial
+    assert parent.data.params["sampler"] == "tpe" and parent.data.params["epochs"] == "3"
+
+    optuna_of = {tid: t for t in study.trials for tid in t.user_attrs["tune_trial_ids"]}
+    assert len(study.trials) == 6 and set(optuna_of) == {r.data.tags["agch.trial_id"] for r in runs}
+    expected_state = {"finished": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
+    for run in runs:
+        trial = optuna_of[run.data.tags["agch.trial_id"]]
+        assert json.loads(run.data.tags["agch.trial_params"]) == trial.params
+        assert {k: float(run.data.params[k]) for k in trial.params} == pytest.approx(trial.params)
+        assert trial.state.name == expected_state[run.data.tags["agch.status"]], run.data.tags
+        if trial.state.name == "COMPLETE":
+            assert trial.value == pytest.approx(run.data.metrics["map50_mean"])
+        assert "locked" not in run.data.tags["agch.reason"]  # concurrent trials share the SQLite store
+    statuses = [r.data.tags["agch.status"] for r in runs]
+    assert "stopped" in statuses and "finished" in statuses  # ASHA stopped some, the best ran to the end
+    assert all(r.data.metrics["epoch"] < 3 for r in runs if r.data.tags["agch.status"] == "stopped")
+
+    artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
+    assert {"space.yaml", "search.json", "best_config.yaml", "best_trial.json", "trials.csv",
+            "optimization_history.png"} <= artifacts
+    if statuses.count("finished") >= 2:
+        assert {"param_importances.png", "contour.png"} <= artifacts
+    best = study.best_trial
+    best_yaml = Path(os.environ["AGCH_HOME"]) / "searches" / "e2e" / "best_config.yaml"
+    trained = config_from_args(train_parser().parse_args(["--config", str(best_yaml)]))
+    assert trained.delta == pytest.approx(best.params["delta"])
+    assert trained.gamma_v == pytest.approx(best.params["gamma_v"])
+    assert trained.bits == 16 and trained.epochs == 3 and trained.fixes.text_input
+
+
+def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: Path, tmp_path: Path) -> None:
+    space = dict(SPACE, scheduler={"name": "none", "epochs": 2}, concurrency=1)
+    command = [sys.executable, "-m", "agch.cli.search", "run", str(write(tmp_path, space)), "--data",
+               str(tiny_dataset), "--name", "rk"]
+    log = tmp_path / "driver.log"
+
+    def driver(args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(args, stdout=log.open("a"), stderr=subprocess.STDOUT, env=dict(os.environ))
+
+    def finished() -> int:
+        if not (Path(os.environ["AGCH_HOME"]) / "searches" / "rk" / "search.json").exists():
+            return 0  # the driver has not created the stores yet; never race it at that
+        return sum(r.data.tags.get("agch.status") == "finished" for r in stores("rk")[1])
+
+    def wait_finished(proc: subprocess.Popen, count: int) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if finished() >= count:
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"no {count} finished trials in time:\n{log.read_text()}")
+
+    first = driver(command)
+    wait_finished(first, 1)
+    first.send_signal(signal.SIGINT)  # Ctrl-C
+    assert first.wait(120) == 130, log.read_text()
+    assert "agch-search resume rk" in log.read_text()
+    tracker, runs, _ = stores("rk")
+    assert parent_of(tracker, "rk").info.status == "KILLED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+    second = driver([sys.executable, "-m", "agch.cli.search", "resume", "rk"])
+    wait_finished(second, finished() + 1)
+    second.kill()  # the driver dies without a chance to clean up; its local Ray goes with it
+    second.wait(60)
+    time.sleep(2)
+    done = {r.info.run_id: (r.info.end_time, len(tracker.client.get_metric_history(r.info.run_id, "loss_total")))
+            for r in stores("rk")[1] if r.info.status == "FINISHED"}
+    assert len(done) >= 2
+
+    assert main(["resume", "rk"]) == 0
+    tracker, runs, study = stores("rk")
+    assert len(runs) == 6 and len({r.data.tags["agch.trial_id"] for r in runs}) == 6  # no trial has two runs
+    for run_id, (end_time, epochs_logged) in done.items():  # finished before the kill: not trained again
+        run = tracker.client.get_run(run_id)
+        assert run.info.end_time == end_time
+        assert len(tracker.client.get_metric_history(run_id, "loss_total")) == epochs_logged
+    assert {r.data.tags["agch.status"] for r in runs} <= {"finished", "failed"}
+    assert parent_of(tracker, "rk").info.status == "FINISHED"
+    ids = {r.data.tags["agch.trial_id"] for r in runs}
+    linked = [t for t in study.trials if set(t.user_attrs.get("tune_trial_ids", [])) & ids]
+    assert len(linked) == 6 and all(t.state.name in ("COMPLETE", "FAIL") for t in linked)
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]  # trials lost with the killed driver are closed
+
+
+@pytest.mark.parametrize("stem", sorted(p.stem for p in search.SHIPPED_DIR.glob("*.yaml")))
+def test_every_shipped_space_runs_one_tiny_trial(ray_session, tiny_dataset: Path, stem: str) -> None:
+    searched = {p.name for p in search.load_space(f"spaces/{stem}.yaml").parameters}
+    small = {k: v for k, v in FIXED.items() if k not in searched}
+    space = search.load_space(f"spaces/{stem}.yaml", overrides=small, trials=1, epochs=1, dataset=tiny_dataset)
+    report = search.start(space, name=stem, device="cpu")
+    assert not report.interrupted and len(report.outcomes) == space.seeds
+    assert all(o.status in ("finished", "failed") and o.run_id and o.epochs == 1 for o in report.outcomes)
+    tracker, runs, study = stores(stem)
+    assert len(study.trials) == 1 and len(runs) == space.seeds
+    if space.seeds > 1:  # one suggestion, trained with consecutive seeds; Optuna gets their mean
+        assert sorted(int(r.data.params["seed"]) for r in runs) == list(range(space.seeds))
+        if study.trials[0].state.name == "COMPLETE":
+            mean = sum(r.data.metrics["map50_mean"] for r in runs) / len(runs)
+            assert study.trials[0].value == pytest.approx(mean)
+
+
+def test_two_objectives_give_a_pareto_front(ray_session, tiny_dataset: Path, tmp_path: Path) -> None:
+    doc = dict(SPACE, objective={"metrics": ["map50_i2t", "map50_t2i"]}, scheduler={"name": "none", "epochs": 1},
+               trials=3)
+    space = search.load_space(str(write(tmp_path, doc)), dataset=tiny_dataset)
+    report = search.start(space, name="pareto", device="cpu")
+    study = stores("pareto")[2]
+    assert len(study.directions) == 2 and report.best is not None
+    assert set(report.best["values"]) == {"map50_i2t", "map50_t2i"}
+    assert report.best["optuna_trial"] in report.best["pareto_front"]
+
+
+def test_more_gpus_than_exist_fails_before_anything_is_recorded(ray_session, tiny_dataset: Path, tmp_path: Path,
+                                                                 capsys) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match=r"each trial asks for 1 GPU\(s\) but this machine has 0"):
+        runner.start_ray(None, {"cpu": 1, "gpu": 1})
+    path = write(tmp_path, dict(SPACE, resources={"cpus": 1, "gpus": 1}))
+    assert main(["run", str(path), "--data", str(tiny_dataset)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lower resources.gpus" in err
+    tracker = runner.RetryingTracker(default_tracking_uri(), "agch-search")
+    assert tracker.client.search_runs([tracker.experiment_id]) == []
+
+
+def test_interrupted_trials_are_closed_not_left_running(ray_session, tiny_dataset: Path, tmp_path: Path) -> None:
+    doc = dict(SPACE, scheduler={"name": "none", "epochs": 3}, time_budget="4s", trials=4)
+    report = search.start(search.load_space(str(write(tmp_path, doc)), dataset=tiny_dataset), name="budget")
+    assert report.interrupted  # the time budget ended it: resumable, like Ctrl-C
+    tracker, runs, _ = stores("budget")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert parent_of(tracker, "budget").data.tags["agch.search_state"] == "interrupted"
