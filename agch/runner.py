@@ -38,6 +38,12 @@ budget, a killed driver): a resume continues it."""
 # killed right after a trial finished still knows on resume that it finished.
 EXPERIMENT_SAVE_PERIOD_S = "1"
 
+MAX_RETRIES = 2
+"""On a cluster (--ray-address), times Tune restarts a trial whose worker died (node lost, OOM), from its last
+checkpoint and into its own MLflow run; a trial that failed on its own (NaN loss, collapse) replays its recorded
+failure at once instead. A local Ray loses no nodes, so there trials are not retried: a retry racing a Ctrl-C
+shutdown could open a second run for the same trial."""
+
 
 @dataclass(frozen=True)
 class RunContext:
@@ -182,15 +188,18 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         if recorded is not None and recorded.info.status in ("FINISHED", "FAILED"):
             _replay(recorded)  # finished before the driver went down: never train it twice
             return
-        if recorded is not None:
+        attempt = 1
+        if recorded is not None:  # a retry (node lost, trial restored): continue the trial's own run
             run_id = recorded.info.run_id
+            attempt = int(recorded.data.tags.get("agch.attempts", "1")) + 1
             tracker.reopen(run_id)
         else:
             tags = {**run_tags(config, data), "agch.group": context.group, "agch.trial_id": trial_id,
                     "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
             run_id = tracker.start_run(f"{context.group}/{trial_id}", tags=tags, parent=context.parent_run_id)
             tracker.log_params(run_id, cfg.to_flat(config))
-        tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": ""})
+        tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": "", "agch.attempts": attempt,
+                                  "ray.node_id": ray.get_runtime_context().get_node_id()})
 
         def on_epoch(report: Any) -> None:
             tracker.log_metrics(run_id, {f"loss_{k}": v for k, v in report.losses.items()}, report.epoch)
@@ -316,7 +325,8 @@ def run_trials(ctx: RunContext, *, param_space: dict[str, Any], num_samples: int
                 run_config=tune.RunConfig(name=name, storage_path=str(Path(storage_dir).resolve()), verbose=0,
                                           callbacks=[_TrialEvents(ctx)],
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          failure_config=tune.FailureConfig(max_failures=0)))
+                                          failure_config=tune.FailureConfig(
+                                              max_failures=MAX_RETRIES if ray_address else 0)))
         tuner.fit()
     finally:
         _SESSIONS.pop(ctx.group, None)

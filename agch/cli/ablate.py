@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import sys
 from typing import Any
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train every cell × seed again even when recorded; never resume an interrupted run")
     parser.add_argument("--name", default=None, help="ablation name (default: the file's, else fix-NAME...)")
     parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
-    parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray)")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
     parser.add_argument("--gpus-per-trial", type=float, default=None,
                         help="GPU fraction per trial (default: the file's, else 0.25 when a GPU is present)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -26,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(preset=None)  # the space file's preset unless given here
     run.add_argument("--trials", type=int, default=None, help="number of trials (overrides the file)")
     run.add_argument("--epochs", type=int, default=None, help="epochs per trial, the budget (overrides the file)")
-    run.add_argument("--storage", default=None,
-                     help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: SQLite beside MLflow's)")
+    run.add_argument("--storage", default=os.environ.get("AGCH_STORAGE") or None,
+                     help="Optuna storage URL, e.g. postgresql://user:pw@host/db (default: $AGCH_STORAGE, else "
+                          "SQLite beside MLflow's)")
     run.add_argument("--name", default=None, help="search name: MLflow parent run, Optuna study (default: FILE-time)")
     run.add_argument("--experiment", default="agch-search", help="MLflow experiment (default agch-search)")
     resume = commands.add_parser("resume", help="continue an interrupted search",
@@ -36,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="validate a space file and print what it would run")
     check.add_argument("space", help="search-space YAML (spaces/NAME.yaml = shipped)")
     for sub in (run, resume):
-        sub.add_argument("--ray-address", default=None, help="Ray cluster address (default: a local Ray)")
+        sub.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                         help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
         sub.add_argument("--verbose", action="store_true", help="show Ray's and Optuna's own logging")
     return parser
 
