@@ -1,6 +1,6 @@
 """Training throughput at MIRFlickr size against this machine's measured matmul throughput (a script, not a test).
 
-    python bench/bench_train.py [--device cpu|cuda] [--batch-sizes 32 128] [--epochs 2]
+    python bench/bench_train.py [--device cpu|cuda] [--batch-sizes 32 128] [--epochs 2] [--threads N]
 
 Builds a random feature file of MIRFlickr-25K's shape (5,000 train pairs, 4096-d image, 1386-d binary text,
 24 labels; a small query/retrieval set, since evaluation is benchmarked by bench_map.py), trains the paper preset
@@ -11,6 +11,7 @@ training step) as a fraction of torch's own dense matmul throughput measured in 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -76,9 +77,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed per batch size (best one reported)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); 1 gives stable figures on a loaded machine")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}")
+    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
+          f"load average {os.getloadavg()[0]:.1f}")
     peak = matmul_gflops(device)
     print(f"baseline: torch fp32 matmul 128x4096 @ 4096x4096: {peak:.1f} GFLOP/s (measured now)")
     with tempfile.TemporaryDirectory() as tmp:
