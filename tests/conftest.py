@@ -37,3 +37,14 @@ def private_home(tmp_path, monkeypatch) -> Path:
     home = tmp_path / "agch-home"
     monkeypatch.setenv("AGCH_HOME", str(home))
     return home
+
+
+FAULT_REPORTS: list[str] = []
+"""Counts (trials, runs, failures, retries) the integration tests record; printed at the end of the run."""
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if FAULT_REPORTS:
+        terminalreporter.write_sep("-", "scale-out and fault counts")
+        for line in FAULT_REPORTS:
+            terminalreporter.write_line(line)

@@ -11,7 +11,6 @@ import collections
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from tests import services
+from tests.conftest import FAULT_REPORTS
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not services.postgres_available(), reason="PostgreSQL server binaries not found")]
@@ -99,7 +99,7 @@ def _ended(runs) -> bool:
 
 
 def _report(what: str, **counts) -> None:
-    print(f"[{what}] " + ", ".join(f"{k}={v}" for k, v in counts.items()), file=sys.stderr)
+    FAULT_REPORTS.append(f"[{what}] " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 def _wait_until(check, timeout: float, what: str) -> None:

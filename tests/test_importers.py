@@ -11,12 +11,13 @@ import pytest
 import scipy.io
 import scipy.sparse
 
+from tests.conftest import SHARED_DATA
 from agch.cli.data import main
 from agch.data import open_dataset, shared_label_rate
 from agch.errors import DatasetError, UserError
 from agch.importers import FEATURES_REQUIRED, MatFile, import_mat, read_mat_array
 
-REAL = Path("/work/shared/data")
+REAL = SHARED_DATA
 N = 120
 _MATLAB_CLASS = {"float64": "double", "float32": "single", "uint8": "uint8", "bool": "logical"}
 

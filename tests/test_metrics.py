@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import SHARED_DATA
 from agch.errors import UserError
 from agch.metrics import (
     RetrievalMetrics,
@@ -28,7 +29,7 @@ from tests.map_oracle import (
     oracle_relevance,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = SHARED_DATA
 PRECISION_KS = (1, 5, 50, 10_000)  # 10_000 is above every database here: clamped to the database size
 TOL = 1e-6
 

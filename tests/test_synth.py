@@ -13,6 +13,7 @@ import pytest
 import scipy.io
 import torch
 
+from tests.conftest import SHARED_DATA
 from agch.data import open_dataset, shared_label_rate
 from agch.errors import UserError
 from agch.metrics import map_at_k, random_ranking_map, relevance
@@ -20,7 +21,7 @@ from agch.synth import (DEFAULT_IMAGE_SIGNAL, MIRFLICKR_LABEL_COUNTS, MIRFLICKR_
                         MIRFLICKR_SHARED_LABEL_RATE, MIRFLICKR_TAG_DIM, MIRFLICKR_TAGS_PER_ITEM, SYNTH_VERSION,
                         ImageModel, SyntheticImageFeatures, build_synthetic_dataset, draw_labels, draw_tags)
 
-REAL = Path("/work/shared/data")
+REAL = SHARED_DATA
 TINY = {"n": 600, "image_dim": 256, "n_query": 100, "n_train": 300}
 
 
