@@ -3,7 +3,6 @@ of docs/protocol.md on the real MIRFlickr-25K labels."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from agch import config as cfg
-from agch.cli.common import add_common_options, dataset_path, load_yaml, parse_pairs, run_main
+from agch.cli.common import add_common_options, config_file, dataset_path, parse_pairs, run_main
 from agch.errors import UserError, unknown
 
 EPILOG = """examples:
@@ -60,14 +60,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
             parse_pairs([f for f in args.fixes if "=" in f], "--fix").items()}
     if len(set(toggled)) != len(toggled):
         raise UserError("--fix: a fix is toggled twice")
-    preset = args.preset
-    config_overrides: dict[str, Any] = {}
-    if args.config is not None:
-        loaded = load_yaml(args.config) or {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
-        config_overrides = dict(loaded)
-        preset = config_overrides.pop("preset", preset)
+    preset, config_overrides = config_file(args)
     if args.file is not None:
         spec = load_spec(resolve_spec_path(args.file))
         where = f"{args.file} overrides"

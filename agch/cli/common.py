@@ -57,16 +57,21 @@ def load_yaml(path: Path) -> Any:
         raise UserError(f"{path}{line}: malformed YAML: {getattr(err, 'problem', err)}") from None
 
 
+def config_file(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """(preset, overrides) from --preset and the --config YAML, whose own 'preset:' key wins."""
+    base = args.preset
+    if args.config is None:
+        return base, {}
+    loaded = load_yaml(args.config) or {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
+    overrides = dict(loaded)
+    return overrides.pop("preset", base), overrides
+
+
 def config_from_args(args: argparse.Namespace) -> cfg.Config:
     """Preset, then the --config file, then --set, then --fix, then --seed."""
-    base = args.preset
-    file_overrides: dict[str, Any] = {}
-    if args.config is not None:
-        loaded = load_yaml(args.config) or {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
-        file_overrides = dict(loaded)
-        base = file_overrides.pop("preset", base)
+    base, file_overrides = config_file(args)
     config = cfg.preset(base)
     config = cfg.apply(config, file_overrides, where=str(args.config) if args.config else "")
     config = cfg.apply(config, parse_pairs(args.overrides, "--set"), where="--set")
