@@ -33,7 +33,7 @@ FINAL = "agch_final"
 """Result key set (to 1) only on a trial's last report, after its MLflow run is complete."""
 STATES = ("finished", "failed", "stopped", "interrupted")
 """TrialOutcome.status: stopped = early-stopped by the scheduler; interrupted = the search ended first (Ctrl-C, time
-budget, a killed driver): a resume continues it."""
+budget, a killed driver): a resume continues it. A run tagged 'lost' belongs to no trial any more (see mark_lost)."""
 # Tune saves its experiment state (which trials finished, the searcher) at most this often. Short, so that a driver
 # killed right after a trial finished still knows on resume that it finished.
 EXPERIMENT_SAVE_PERIOD_S = "1"
@@ -330,6 +330,7 @@ def run_trials(ctx: RunContext, *, param_space: dict[str, Any], num_samples: int
         tuner.fit()
     finally:
         _SESSIONS.pop(ctx.group, None)
+        mark_lost(ctx, set(session.trials))
         close_unfinished(ctx)
     found = outcomes(ctx)
     recorded = {o.trial_id for o in found}
@@ -341,19 +342,37 @@ def run_trials(ctx: RunContext, *, param_space: dict[str, Any], num_samples: int
     return found
 
 
+def mark_lost(ctx: RunContext, known: set[str]) -> None:
+    """Tag 'lost' the group's runs of trials that Tune no longer knows.
+
+    A driver killed outright loses the trials it started after Tune last saved its state (at most a second
+    before); the restored experiment replaces them with new trials. Their runs stay in MLflow, tagged, and out of
+    the outcomes, so that every trial of the experiment has exactly one run.
+    """
+    if not known:  # Tune never got as far as listing its trials
+        return
+    tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment)
+    for run in tracker.group_runs(ctx.group):
+        if run.data.tags["agch.trial_id"] not in known and run.data.tags.get("agch.status") != "lost":
+            reason = "started after the search's last saved state by a driver that was killed; not part of it"
+            tracker.set_tags(run.info.run_id, {"agch.status": "lost", "agch.reason": reason})
+            if run.info.status == "RUNNING":
+                tracker.end_run(run.info.run_id, "KILLED")
+
+
 def close_unfinished(ctx: RunContext) -> None:
     """Mark the group's runs still open after Tune returned as interrupted (a resume reopens them)."""
     tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment)
     for run in tracker.group_runs(ctx.group):
-        if run.info.status == "RUNNING":
+        if run.info.status == "RUNNING" and run.data.tags.get("agch.status") != "lost":
             end_trial_run(tracker, run.info.run_id, "interrupted",
                           "the search ended before this trial did; `resume` continues it from its last checkpoint")
 
 
 def outcomes(ctx: RunContext) -> list[TrialOutcome]:
-    """Every trial of the group as recorded in MLflow, in start order."""
+    """Every trial of the group as recorded in MLflow, in start order (lost runs left out)."""
     tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment)
-    return [_outcome(run) for run in tracker.group_runs(ctx.group)]
+    return [_outcome(run) for run in tracker.group_runs(ctx.group) if run.data.tags.get("agch.status") != "lost"]
 
 
 def _outcome(run: Any) -> TrialOutcome:
