@@ -150,32 +150,51 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
         print(f"continue it with: agch-search resume {report.name}", file=out)
 
 
-def run(argv: list[str] | None) -> int:
+def _check(args: argparse.Namespace) -> int:
     from agch import search
 
-    args = build_parser().parse_args(argv)
-    if args.command == "check":
-        space = search.load_space(args.space)
-        print(f"{space.source}: ok: {', '.join(p.name for p in space.parameters)} by {space.sampler}, "
-              f"{space.trials} trials x {space.epochs} epochs, scheduler {space.scheduler}")
-        return 0
-    table = LiveTable()
+    space = search.load_space(args.space)
+    print(f"{space.source}: ok: {', '.join(p.name for p in space.parameters)} by {space.sampler}, "
+          f"{space.trials} trials x {space.epochs} epochs, scheduler {space.scheduler}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agch import search
+
+    data = args.data.expanduser().resolve() if args.data else None
+    space = search.load_space(args.space, overrides=_overrides(args), preset=args.preset, trials=args.trials,
+                              epochs=args.epochs, dataset=data)
+    return _report(lambda table: search.start(
+        space, name=args.name, tracking_uri=args.tracking_uri, experiment=args.experiment, storage_url=args.storage,
+        ray_address=args.ray_address, device=args.device, verbose=args.verbose, listener=table))
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from agch import search
+
+    return _report(lambda table: search.resume(args.name, ray_address=args.ray_address, verbose=args.verbose,
+                                               listener=table))
+
+
+def _report(drive: Any) -> int:
+    """Run a search with the live table, shut down the Ray this command started, print the summary."""
     ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()  # a caller's Ray is left running
     try:
-        if args.command == "resume":
-            report = search.resume(args.name, ray_address=args.ray_address, verbose=args.verbose, listener=table)
-        else:
-            data = args.data.expanduser().resolve() if args.data else None
-            space = search.load_space(args.space, overrides=_overrides(args), preset=args.preset, trials=args.trials,
-                                      epochs=args.epochs, dataset=data)
-            report = search.start(space, name=args.name, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                                  storage_url=args.storage, ray_address=args.ray_address, device=args.device,
-                                  verbose=args.verbose, listener=table)
+        report = drive(LiveTable())
     finally:
         if not ray_before and "ray" in sys.modules and sys.modules["ray"].is_initialized():
             sys.modules["ray"].shutdown()
     summarize(report)
     return 130 if report.interrupted else 0
+
+
+HANDLERS = {"run": _run, "resume": _resume, "check": _check}
+
+
+def run(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    return HANDLERS[args.command](args)
 
 
 def main(argv: list[str] | None = None) -> int:
