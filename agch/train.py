@@ -94,11 +94,13 @@ def protocol_of(config: Config, data: Dataset) -> dict[str, Any]:
     }
 
 
-def _check_dimensions(model: AGCH, data: Dataset) -> None:
-    first = model.image.hidden[0] if isinstance(model.image.hidden, torch.nn.Sequential) else model.image.code
-    for name, layer, dim in (("image", first, data.image_dim), ("text", model.text.hidden, data.text_dim)):
-        if layer.in_features != dim:
-            raise UserError(f"checkpoint expects {name} features of dimension {layer.in_features}, "
+def _check_dimensions(state: dict[str, torch.Tensor], data: Dataset) -> None:
+    """A checkpoint's input layers must fit the dataset's feature sizes (checked before loading it)."""
+    image_key = "image.hidden.0.weight" if "image.hidden.0.weight" in state else "image.code.weight"
+    for name, key, dim in (("image", image_key, data.image_dim), ("text", "text.hidden.weight", data.text_dim)):
+        expected = state[key].shape[1]
+        if expected != dim:
+            raise UserError(f"checkpoint expects {name} features of dimension {expected}, "
                             f"but dataset {data.path} has {dim}")
 
 
@@ -204,12 +206,12 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
                                 weight_decay=config.weight_decay, fused=True)
     first_epoch = 1
     if resume is not None:
+        _check_dimensions(resume["model"], data)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         first_epoch = resume["epoch"] + 1
-    _check_dimensions(model, data)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and dev.type == "cuda")
 
     def state(epoch: int) -> dict[str, Any]:

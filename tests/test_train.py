@@ -87,7 +87,7 @@ def test_dimension_mismatch_between_checkpoint_and_data(tiny_dataset, tiny_confi
     saved = {}
     _train(tiny_dataset, tiny_config, callback=lambda r: saved.setdefault("state", r.state()))
     other = build_synthetic_dataset(tmp_path / "wide.h5", seed=0, n=600, image_dim=128, n_query=100, n_train=300)
-    with pytest.raises(Exception, match="size mismatch|dimension"):
+    with pytest.raises(UserError, match="checkpoint expects image features of dimension 256.*has 128"):
         _train(other, tiny_config, resume=saved["state"])
 
 
