@@ -6,6 +6,7 @@ Uses MlflowClient with explicit run ids (no global active run), so Ray trials an
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import tempfile
@@ -148,10 +149,9 @@ def history_csv(history: list[dict[str, Any]]) -> str:
     """Per-epoch rows as CSV (columns: the union of keys, epoch first)."""
     keys = sorted({k for row in history for k in row} - {"epoch"})
     lines = [["epoch", *keys]] + [[row.get("epoch"), *(row.get(k, "") for k in keys)] for row in history]
-    with tempfile.TemporaryFile("w+", newline="") as fh:
-        csv.writer(fh).writerows(lines)
-        fh.seek(0)
-        return fh.read()
+    out = io.StringIO(newline="")
+    csv.writer(out).writerows(lines)
+    return out.getvalue()
 
 
 CODES_README = """codes.npz: the final sign codes of this run, int8 in {-1,+1}, one row per item.
