@@ -10,6 +10,7 @@ driver crash, or from scratch when it had no checkpoint yet) must continue its o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,9 @@ from agch.errors import UserError
 
 SEED_OFFSET = "seed_offset"
 """Param key of a repeated trial: it trains with seed base.seed + this (several seeds per suggestion)."""
+TRIAL_NUMBER = "trial_number"
+"""Param key a search algorithm adds so that trials with equal settings stay distinct (agch-search: the Optuna trial
+number). Like SEED_OFFSET it is not a config key."""
 FINAL = "agch_final"
 """Result key set (to 1) only on a trial's last report, after its MLflow run is complete."""
 STATES = ("finished", "failed", "stopped", "interrupted")
@@ -99,11 +103,23 @@ class TrialFailed(Exception):
 
 
 def trial_config(ctx: RunContext, params: dict[str, Any]) -> cfg.Config:
-    """ctx.base plus the trial's params (config keys, 'fixes.<name>', and SEED_OFFSET for repeated trials)."""
+    """ctx.base plus the trial's params (config keys, 'fixes.<name>', SEED_OFFSET for repeated trials, TRIAL_NUMBER)."""
     params = dict(params)
+    params.pop(TRIAL_NUMBER, None)
     offset = int(params.pop(SEED_OFFSET, 0))
     config = cfg.apply(cfg.Config(), {**ctx.base, **params}, where="trial params")
     return dataclasses.replace(config, seed=config.seed + offset) if offset else config
+
+
+def trial_slot(ctx: RunContext, params: dict[str, Any]) -> str:
+    """The trial's place in its search or ablation, tagged agch.slot on its MLflow run.
+
+    A Tune retry keeps its trial id, but a driver killed before it saved a trial it had just started loses that
+    id: the restored driver starts a new trial in its place, with the same params (agch-search hands the same
+    Optuna trial out again). Both find the place's one run by this key, so no place ever gets a second run.
+    """
+    key = json.dumps([ctx.parent_run_id, ctx.group, params], sort_keys=True, default=str)
+    return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
 # --------------------------------------------------------------------------------------------------- MLflow access
@@ -127,10 +143,10 @@ class RetryingTracker:
         """Set a run that an earlier session left KILLED (or RUNNING) back to RUNNING."""
         _retry(self._tracker.client.update_run, run_id, status="RUNNING")
 
-    def find_trial_run(self, group: str, trial_id: str) -> Any | None:
-        """The MLflow run of `trial_id` in `group`, if one was started."""
+    def find_trial_run(self, group: str, slot: str) -> Any | None:
+        """The MLflow run of the trial at `slot` (see trial_slot) in `group`, if one was started."""
         runs = _retry(self._tracker.client.search_runs, [self._tracker.experiment_id],
-                      f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` = '{trial_id}'", max_results=1)
+                      f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
         return runs[0] if runs else None
 
     def group_runs(self, group: str) -> list[Any]:
@@ -184,21 +200,24 @@ def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
 
     with open_dataset(context.dataset) as data:
-        recorded = tracker.find_trial_run(context.group, trial_id)
+        slot = trial_slot(context, params)
+        recorded = tracker.find_trial_run(context.group, slot)
         if recorded is not None and recorded.info.status in ("FINISHED", "FAILED"):
-            _replay(recorded)  # finished before the driver went down: never train it twice
+            tracker.set_tags(recorded.info.run_id, {"agch.trial_id": trial_id})
+            _replay(recorded)  # ended before the driver went down: never train it twice
             return
         attempt = 1
-        if recorded is not None:  # a retry (node lost, trial restored): continue the trial's own run
+        if recorded is not None:  # a retry, a restored trial, or one in a lost trial's place: continue that run
             run_id = recorded.info.run_id
             attempt = int(recorded.data.tags.get("agch.attempts", "1")) + 1
             tracker.reopen(run_id)
         else:
-            tags = {**run_tags(config, data), "agch.group": context.group, "agch.trial_id": trial_id,
-                    "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
+            tags = {**run_tags(config, data), "agch.group": context.group, "agch.slot": slot,
+                    "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
             run_id = tracker.start_run(f"{context.group}/{trial_id}", tags=tags, parent=context.parent_run_id)
             tracker.log_params(run_id, cfg.to_flat(config))
         tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": "", "agch.attempts": attempt,
+                                  "agch.trial_id": trial_id,
                                   "ray.node_id": ray.get_runtime_context().get_node_id()})
 
         def on_epoch(report: Any) -> None:
@@ -409,23 +428,26 @@ class _TrialEvents(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        run = self.tracker.find_trial_run(self.ctx.group, trial.trial_id)
+        run = self._run_of(trial)
         if run is not None and not last.get(FINAL) and run.info.status == "RUNNING":
             end_trial_run(self.tracker, run.info.run_id, "stopped",
                           f"early-stopped by the scheduler after epoch {last.get('epoch', '?')}")
-        self._notify(trial.trial_id)
+        self._notify(trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run = self.tracker.find_trial_run(self.ctx.group, trial.trial_id)
+        run = self._run_of(trial)
         if run is not None and run.info.status == "RUNNING":  # the trial's process died before it could say why
             end_trial_run(self.tracker, run.info.run_id, "failed", _last_line(trial.error_file))
-        self._notify(trial.trial_id)
+        self._notify(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.session.trials.update({t.trial_id: (t.status, dict(t.config)) for t in trials})
 
-    def _notify(self, trial_id: str) -> None:
-        run = self.tracker.find_trial_run(self.ctx.group, trial_id)
+    def _run_of(self, trial: Any) -> Any | None:
+        return self.tracker.find_trial_run(self.ctx.group, trial_slot(self.ctx, dict(trial.config)))
+
+    def _notify(self, trial: Any) -> None:
+        run = self._run_of(trial)
         if self.session.on_complete is not None and run is not None:
             self.session.on_complete(_outcome(run))
 

@@ -405,10 +405,10 @@ def __getattr__(name: str) -> Any:
 
 def _study_search_class() -> type:
     from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import TrialState
+    from optuna.trial import Trial, TrialState
     from ray.tune.search.optuna import OptunaSearch
 
-    from agch.runner import FINAL, SEED_OFFSET
+    from agch.runner import FINAL, SEED_OFFSET, TRIAL_NUMBER
 
     class StudySearch(OptunaSearch):
         """Ray's OptunaSearch on a persistent study, with results keyed by epoch and repeated seeds.
@@ -418,8 +418,11 @@ def _study_search_class() -> type:
         - With seeds > 1 each suggestion runs as that many Tune trials (SEED_OFFSET 0..seeds-1) and Optuna is told
           the mean once all have ended. The groups are part of this object, which Tune saves and restores.
         - A trial that ended without its final report was early-stopped: Optuna records it as pruned.
-        - On restore, Optuna trials asked after Tune last saved its state (lost with a killed driver) are failed, and
-          a trial that Optuna already closed before the driver died is not told twice.
+        - Every suggestion carries its Optuna trial number (TRIAL_NUMBER), so that trials with equal settings are
+          distinct places for agch.runner.trial_slot.
+        - On restore, Optuna trials asked after Tune last saved its state (trials a killed driver had just started)
+          are handed out again, first, to the trials the restored driver starts in their place: those continue the
+          lost trials' MLflow runs. A trial that Optuna already closed before the driver died is not told twice.
         """
 
         def __init__(self, *, seeds: int = 1, **kwargs: Any):
@@ -427,13 +430,18 @@ def _study_search_class() -> type:
             self.seeds = seeds
             self.groups: dict[str, dict] = {}
             self.open_group: dict | None = None
+            self.orphans: list[int] = []
+            """Optuna trial ids to hand out again before asking new ones (see restore)."""
 
         def suggest(self, trial_id: str) -> dict | None:
             group = self.open_group
             if group is None or len(group["members"]) == self.seeds:
+                if self.orphans:
+                    self._ot_trials[trial_id] = Trial(self._ot_study, self.orphans.pop(0))
                 params = super().suggest(trial_id)
                 if not isinstance(params, dict):
                     return params
+                params[TRIAL_NUMBER] = self._ot_trials[trial_id].number
                 group = self.open_group = {"primary": trial_id, "params": params, "members": [], "ended": {}}
             group["members"].append(trial_id)
             self.groups[trial_id] = group
@@ -479,9 +487,8 @@ def _study_search_class() -> type:
         def restore(self, checkpoint_path: str) -> None:
             super().restore(checkpoint_path)
             known = {trial.number for trial in self._ot_trials.values()}
-            for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if trial.number not in known:
-                    self._ot_study.tell(trial.number, state=TrialState.FAIL)
+            self.orphans = [trial._trial_id for trial in self._ot_study.get_trials(
+                deepcopy=False, states=(TrialState.RUNNING,)) if trial.number not in known]
 
     StudySearch.__module__, StudySearch.__qualname__ = __name__, "StudySearch"
     return StudySearch

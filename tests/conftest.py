@@ -26,6 +26,19 @@ def tiny_dataset(tmp_path_factory) -> Path:
     return build_synthetic_dataset(path, seed=0, n=600, image_dim=256, n_query=100, n_train=300, image_signal=1.0)
 
 
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that runs trials (starting it takes ~10 s); shut down at the end if started here."""
+    from agch import runner
+
+    started = runner.start_ray(None, {"cpu": 1})
+    yield
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
 @pytest.fixture
 def tiny_config() -> cfg.Config:
     return cfg.apply(cfg.preset("paper"), TINY)

@@ -88,6 +88,8 @@ class Process:
 
     def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None):
         self.args, self.log_path = args, log
+        self.node_id: str | None = None
+        """set for a Ray node (start_ray_worker)."""
         self.log = open(log, "ab")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, **(env or {})})
@@ -102,8 +104,15 @@ class Process:
         return True
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
+        """Signal the process group, wait; then SIGKILL whatever is left of the session it started.
+
+        A Ray node puts its worker processes in process groups of their own (same session), so SIGKILL as a
+        simulated machine loss goes to the whole session at once: a node's trials die with it.
+        """
         if self.proc.poll() is None:
             try:
+                if sig == signal.SIGKILL:
+                    self._kill_session()
                 os.killpg(self.proc.pid, sig)
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -111,7 +120,28 @@ class Process:
                 self.proc.wait(timeout=timeout)
             except ProcessLookupError:
                 pass
+        self._kill_session()
         self.log.close()
+
+    def _kill_session(self) -> None:
+        for pid in session_members(self.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in session `sid` (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # after the command: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def start_mlflow(backend_uri: str, artifacts: Path, log: Path, port: int | None = None) -> tuple[Process, str]:
@@ -144,25 +174,31 @@ def start_ray_head(log: Path, num_cpus: int = 2) -> tuple[Process, str]:
     proc = Process([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
                     "--num-gpus=0", "--include-dashboard=false", "--node-ip-address=127.0.0.1"], log, env=RAY_ENV)
     address = f"127.0.0.1:{port}"
-    wait_for(lambda: proc.alive() and _ray_nodes(address) >= 1, 120, f"Ray head (log: {log})")
+    wait_for(lambda: proc.alive() and len(alive_nodes(address)) >= 1, 120, f"Ray head (log: {log})")
     return proc, address
 
 
-def start_ray_worker(address: str, log: Path, num_cpus: int = 2, expected_nodes: int = 2) -> Process:
-    """A second Ray node joining `address`; returns once the cluster reports `expected_nodes` alive nodes."""
+def start_ray_worker(address: str, log: Path, num_cpus: int = 2) -> Process:
+    """A Ray node joining `address`; returns once the cluster lists it alive, with its id as `.node_id`."""
+    before = alive_nodes(address)
     proc = Process([str(VENV_BIN / "ray"), "start", "--block", f"--address={address}", f"--num-cpus={num_cpus}",
                     "--num-gpus=0", "--node-ip-address=127.0.0.1"], log, env=RAY_ENV)
-    wait_for(lambda: proc.alive() and _ray_nodes(address) >= expected_nodes, 120, f"Ray worker node (log: {log})")
+    new: set[str] = set()
+
+    def joined() -> bool:
+        new.update(alive_nodes(address) - before)
+        return proc.alive() and bool(new)
+
+    wait_for(joined, 120, f"Ray worker node (log: {log})")
+    proc.node_id = new.pop()
     return proc
 
 
-def _ray_nodes(address: str) -> int:
-    """Alive nodes of the cluster, asked from a separate process so this one never joins Ray."""
+def alive_nodes(address: str) -> set[str]:
+    """Ids of the cluster's alive nodes, asked from a separate process so this one never joins Ray."""
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR', log_to_driver=False); "
-            "print(sum(n['Alive'] for n in ray.nodes()))")
+            "print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))")
     done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **RAY_ENV})
-    try:
-        return int(done.stdout.strip().splitlines()[-1])
-    except (IndexError, ValueError):
-        return 0
+    lines = done.stdout.strip().splitlines()
+    return set(lines[-1].split()) if done.returncode == 0 and lines else set()

@@ -16,17 +16,6 @@ from agch.tracking import Tracker
 from tests.conftest import TINY
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for every test that runs trials (starting it takes ~10 s); shut down at the end if started here."""
-    started = runner.start_ray(None, {"cpu": 1})
-    yield
-    if started:
-        import ray
-
-        ray.shutdown()
-
-
 def context(tracking_uri: str, dataset: Path, parent: str, group: str = "grid", **base: object) -> runner.RunContext:
     # text_input on: without it the paper's text codes collapse on this tiny set (the debugging log's story)
     config = cfg.apply(cfg.preset("paper"), {**TINY, "epochs": 2, "eval_every": 1, "fixes.text_input": True, **base})
@@ -41,6 +30,32 @@ def test_trial_config_applies_params_fixes_and_seed_offsets(tiny_dataset: Path) 
     assert runner.trial_config(ctx, {runner.SEED_OFFSET: 2}).seed == 5
     with pytest.raises(UserError, match="unknown config key 'dleta'"):
         runner.trial_config(ctx, {"dleta": 1})
+
+
+def test_trial_slot_names_a_place_not_a_tune_trial(tiny_dataset: Path) -> None:
+    ctx = context("sqlite:///unused.db", tiny_dataset, "p")
+    params = {"delta": 0.5, runner.TRIAL_NUMBER: 3}
+    assert runner.trial_slot(ctx, dict(reversed(params.items()))) == runner.trial_slot(ctx, params)
+    assert runner.trial_slot(ctx, {**params, runner.TRIAL_NUMBER: 4}) != runner.trial_slot(ctx, params)
+    other_parent = context("sqlite:///unused.db", tiny_dataset, "q")
+    assert runner.trial_slot(other_parent, params) != runner.trial_slot(ctx, params)
+    assert runner.trial_config(ctx, params).delta == 0.5  # the trial number is bookkeeping, not a config key
+
+
+def test_runs_of_trials_tune_no_longer_knows_are_tagged_lost(tmp_path: Path, tiny_dataset: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = runner.RetryingTracker(uri, "runner-test")
+    ctx = context(uri, tiny_dataset, tracker.start_run("parent"))
+    ids = {}
+    for trial_id in ("kept", "gone"):
+        ids[trial_id] = tracker.start_run(trial_id, tags={"agch.group": ctx.group, "agch.trial_id": trial_id},
+                                          parent=ctx.parent_run_id)
+    runner.mark_lost(ctx, {"kept"})
+    runner.close_unfinished(ctx)
+    gone, kept = (tracker.client.get_run(ids[t]) for t in ("gone", "kept"))
+    assert (gone.info.status, gone.data.tags["agch.status"]) == ("KILLED", "lost")
+    assert (kept.info.status, kept.data.tags["agch.status"]) == ("KILLED", "interrupted")
+    assert [o.trial_id for o in runner.outcomes(ctx)] == ["kept"]
 
 
 def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path) -> None:

@@ -25,7 +25,6 @@ from agch.cli.common import config_from_args
 from agch.errors import UserError
 from agch.paths import default_tracking_uri
 from tests.conftest import TINY
-from tests.test_runner import ray_session  # noqa: F401  (one local Ray for every test that runs trials)
 
 pytestmark = pytest.mark.slow
 # Tiny networks; text_input on, because without it the paper's text codes collapse on this set within an epoch.
@@ -80,7 +79,7 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     expected_state = {"finished": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
     for run in runs:
         trial = optuna_of[run.data.tags["agch.trial_id"]]
-        assert json.loads(run.data.tags["agch.trial_params"]) == trial.params
+        assert json.loads(run.data.tags["agch.trial_params"]) == {**trial.params, "trial_number": trial.number}
         assert {k: float(run.data.params[k]) for k in trial.params} == pytest.approx(trial.params)
         assert trial.state.name == expected_state[run.data.tags["agch.status"]], run.data.tags
         if trial.state.name == "COMPLETE":
@@ -145,19 +144,22 @@ def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: 
 
     assert main(["resume", "rk"]) == 0
     tracker, runs, study = stores("rk")
-    lost = [r for r in runs if r.data.tags["agch.status"] == "lost"]  # started in the killed driver's last second
-    runs = [r for r in runs if r not in lost]
-    assert len(runs) == 6 and len({r.data.tags["agch.trial_id"] for r in runs}) == 6  # no trial has two runs
+    # A trial the killed driver had just started is continued in its own run by the trial that replaces it.
+    assert not [r for r in runs if r.data.tags["agch.status"] == "lost"]
+    assert len(runs) == 6 and len({r.data.tags["agch.slot"] for r in runs}) == 6  # no trial has two runs
     for run_id, (end_time, epochs_logged) in done.items():  # finished before the kill: not trained again
         run = tracker.client.get_run(run_id)
         assert run.info.end_time == end_time
         assert len(tracker.client.get_metric_history(run_id, "loss_total")) == epochs_logged
     assert {r.data.tags["agch.status"] for r in runs} <= {"finished", "failed"}
     assert parent_of(tracker, "rk").info.status == "FINISHED"
+    assert len(study.trials) == 6 and not [t for t in study.trials if t.state.name == "RUNNING"]
     optuna_of = {tid: t for t in study.trials for tid in t.user_attrs.get("tune_trial_ids", [])}
-    assert all(optuna_of[r.data.tags["agch.trial_id"]].state.name in ("COMPLETE", "FAIL") for r in runs)
-    assert all(optuna_of[r.data.tags["agch.trial_id"]].state.name != "RUNNING" for r in lost)
-    assert not [t for t in study.trials if t.state.name == "RUNNING"]  # trials lost with the killed driver are closed
+    assert sorted(optuna_of[r.data.tags["agch.trial_id"]].number for r in runs) == list(range(6))
+    for run in runs:  # each run is its Optuna trial's: same settings, same number
+        trial = optuna_of[run.data.tags["agch.trial_id"]]
+        assert json.loads(run.data.tags["agch.trial_params"])["trial_number"] == trial.number
+        assert float(run.data.params["delta"]) == pytest.approx(trial.params["delta"])
 
 
 @pytest.mark.parametrize("stem", sorted(p.stem for p in search.SHIPPED_DIR.glob("*.yaml")))
