@@ -84,6 +84,32 @@ def test_services_are_wired_to_each_other(spec):
     assert job_env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert "@postgres:5432/optuna" in job_env["AGCH_STORAGE"] and job_env["RAY_ADDRESS"] == "ray-head:6379"
     assert s["job"]["command"][:2] == ["agch-search", "run"]
+    assert "--num-cpus=0" in s["ray-head"]["command"]  # trials run only where the data is mounted
+
+
+def test_job_is_a_ray_node_and_sees_the_search_folder_where_the_workers_do(spec):
+    s = spec["services"]
+    assert s["job"]["entrypoint"] == ["agch-job"] and s["job"]["init"] is True
+    assert "COPY docker/job-entrypoint.sh /usr/local/bin/agch-job" in (ROOT / "docker" / "Dockerfile").read_text()
+    home = s["job"]["environment"]["AGCH_HOME"]  # Tune's experiment folder: workers write trial checkpoints there
+    shared = [v for v in s["ray-worker"]["volumes"] if v in s["job"]["volumes"]]
+    assert any(home.startswith(v.split(":")[1] + "/") and not v.endswith(":ro") for v in shared), (home, shared)
+
+
+def test_job_entrypoint_joins_without_resources_runs_the_command_and_leaves(tmp_path):
+    # A stand-in `ray` that records its arguments: the real `ray stop` would end every Ray process on this machine.
+    log = tmp_path / "ray.log"
+    shim = tmp_path / "ray"
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    shim.chmod(0o755)
+    script = str(ROOT / "docker" / "job-entrypoint.sh")
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "RAY_ADDRESS": "ray-head:6379"}
+    done = subprocess.run(["sh", script, "sh", "-c", "echo ran; exit 3"], capture_output=True, text=True, env=env)
+    assert done.returncode == 3 and "ran" in done.stdout  # the command's own exit status
+    start, stop = log.read_text().splitlines()
+    assert start.startswith("start --address=ray-head:6379 --num-cpus=0 --num-gpus=0") and stop == "stop"
+    done = subprocess.run(["sh", script, "true"], capture_output=True, text=True, env={"PATH": env["PATH"]})
+    assert done.returncode != 0 and "RAY_ADDRESS must name the Ray head" in done.stderr
 
 
 def test_referenced_files_exist(spec):
