@@ -26,3 +26,9 @@ def unknown(kind: str, name: str, known: Iterable[str], where: str = "") -> User
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     loc = f"{where}: " if where else ""
     return UserError(f"{loc}unknown {kind} '{name}'{hint}; known: {', '.join(known)}")
+
+
+def need(ok: bool, where: str, message: str) -> None:
+    """Raise UserError('where: message') unless ok."""
+    if not ok:
+        raise UserError(f"{where}: {message}")

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from agch import config as cfg
-from agch.ablation import analyse, build_plan, load_spec, publish, report_tables, run_ablation
+from agch.ablation import analyse, publish, report_tables, run_ablation
+from agch.ablation_plan import build_plan, load_spec
 from agch.cli.ablate import main
 
 pytestmark = pytest.mark.slow

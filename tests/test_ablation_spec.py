@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from agch import config as cfg
-from agch.ablation import (DEFAULT_BUDGET, SHIPPED_DIR, build_plan, cell_identity, load_spec, parse_spec,
-                           resolve_spec_path, trial_identity)
+from agch.ablation_plan import (DEFAULT_BUDGET, SHIPPED_DIR, build_plan, cell_identity, load_spec, parse_spec,
+                                resolve_spec_path, trial_identity)
 from agch.cli.ablate import build_parser, main, spec_from_args
 from agch.errors import UserError
 

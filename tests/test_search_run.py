@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from agch import runner, search
+from agch.space import SHIPPED_DIR, load_space
 from agch.cli.search import main
 from agch.cli.train import build_parser as train_parser
 from agch.cli.common import config_from_args
@@ -162,11 +163,11 @@ def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: 
         assert float(run.data.params["delta"]) == pytest.approx(trial.params["delta"])
 
 
-@pytest.mark.parametrize("stem", sorted(p.stem for p in search.SHIPPED_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("stem", sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml")))
 def test_every_shipped_space_runs_one_tiny_trial(ray_session, tiny_dataset: Path, stem: str) -> None:
-    searched = {p.name for p in search.load_space(f"spaces/{stem}.yaml").parameters}
+    searched = {p.name for p in load_space(f"spaces/{stem}.yaml").parameters}
     small = {k: v for k, v in FIXED.items() if k not in searched}
-    space = search.load_space(f"spaces/{stem}.yaml", overrides=small, trials=1, epochs=1, dataset=tiny_dataset)
+    space = load_space(f"spaces/{stem}.yaml", overrides=small, trials=1, epochs=1, dataset=tiny_dataset)
     report = search.start(space, name=stem, device="cpu")
     assert not report.interrupted and len(report.outcomes) == space.seeds
     assert all(o.status in ("finished", "failed") and o.run_id and o.epochs == 1 for o in report.outcomes)
@@ -182,7 +183,7 @@ def test_every_shipped_space_runs_one_tiny_trial(ray_session, tiny_dataset: Path
 def test_two_objectives_give_a_pareto_front(ray_session, tiny_dataset: Path, tmp_path: Path) -> None:
     doc = dict(SPACE, objective={"metrics": ["map50_i2t", "map50_t2i"]}, scheduler={"name": "none", "epochs": 1},
                trials=3)
-    space = search.load_space(str(write(tmp_path, doc)), dataset=tiny_dataset)
+    space = load_space(str(write(tmp_path, doc)), dataset=tiny_dataset)
     report = search.start(space, name="pareto", device="cpu")
     study = stores("pareto")[2]
     assert len(study.directions) == 2 and report.best is not None
@@ -208,7 +209,7 @@ def test_more_gpus_than_exist_fails_before_anything_is_recorded(ray_session, tin
 
 def test_interrupted_trials_are_closed_not_left_running(ray_session, tiny_dataset: Path, tmp_path: Path) -> None:
     doc = dict(SPACE, scheduler={"name": "none", "epochs": 3}, time_budget="4s", trials=4)
-    report = search.start(search.load_space(str(write(tmp_path, doc)), dataset=tiny_dataset), name="budget")
+    report = search.start(load_space(str(write(tmp_path, doc)), dataset=tiny_dataset), name="budget")
     assert report.interrupted  # the time budget ended it: resumable, like Ctrl-C
     tracker, runs, _ = stores("budget")
     assert not [r for r in runs if r.info.status == "RUNNING"]

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agch import search
+from agch import space as search_space
 from agch.cli.search import main
 from agch.errors import UserError
 
-SHIPPED = sorted(p.stem for p in search.SHIPPED_DIR.glob("*.yaml"))
+SHIPPED = sorted(p.stem for p in search_space.SHIPPED_DIR.glob("*.yaml"))
 GOOD = {
     "preset": "paper",
     "fixed": {"bits": 16, "text_hidden": 64, "gcn_hidden": 64},
@@ -44,47 +44,47 @@ def changed(**top: object) -> dict:
 def test_shipped_files_exist_and_say_the_names_are_the_papers() -> None:
     assert {"delta_gamma", "batch_size", "loss_weights", "broad"} <= set(SHIPPED)
     for stem in SHIPPED:
-        text = (search.SHIPPED_DIR / f"{stem}.yaml").read_text()
+        text = (search_space.SHIPPED_DIR / f"{stem}.yaml").read_text()
         assert "names are the paper's" in text and "δ" in text and "γ" in text, stem
 
 
 @pytest.mark.parametrize("stem", SHIPPED)
 def test_every_shipped_space_validates(stem: str) -> None:
-    space = search.load_space(f"spaces/{stem}.yaml")
-    assert space.source == str(search.SHIPPED_DIR / f"{stem}.yaml")
+    space = search_space.load_space(f"spaces/{stem}.yaml")
+    assert space.source == str(search_space.SHIPPED_DIR / f"{stem}.yaml")
     assert space.parameters and space.trials >= 1 and space.epochs >= 1
     assert space.base["eval_every"] == 1  # the scheduler and the sampler see every epoch
     for parameter in space.parameters:
         parameter.distribution()  # maps onto an Optuna distribution
-    search.make_sampler(space)
+    search_space.make_sampler(space)
 
 
 def test_spaces_prefix_means_shipped_unless_the_user_has_that_file(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert search.resolve_space_path("spaces/delta_gamma.yaml") == search.SHIPPED_DIR / "delta_gamma.yaml"
+    assert search_space.resolve_space_path("spaces/delta_gamma.yaml") == search_space.SHIPPED_DIR / "delta_gamma.yaml"
     (tmp_path / "spaces").mkdir()
     mine = write_space(tmp_path / "spaces", GOOD, "delta_gamma.yaml")
-    assert search.resolve_space_path("spaces/delta_gamma.yaml") == mine.resolve()
-    assert [p.name for p in search.load_space("spaces/delta_gamma.yaml").parameters] == ["delta", "gamma_v"]
+    assert search_space.resolve_space_path("spaces/delta_gamma.yaml") == mine.resolve()
+    assert [p.name for p in search_space.load_space("spaces/delta_gamma.yaml").parameters] == ["delta", "gamma_v"]
     with pytest.raises(UserError, match=r"unknown shipped search space 'spaces/delta_gama.yaml' \(did you mean"):
-        search.resolve_space_path("spaces/delta_gama.yaml")
+        search_space.resolve_space_path("spaces/delta_gama.yaml")
     with pytest.raises(UserError, match="search space file not found: nowhere.yaml"):
-        search.resolve_space_path("nowhere.yaml")
+        search_space.resolve_space_path("nowhere.yaml")
 
 
 def test_overrides_win_and_a_grid_is_capped(tmp_path: Path) -> None:
     doc = changed(parameters={"batch_size": [32, 64], "fixes.text-input": [False, True]}, sampler="grid", trials=9)
-    space = search.load_space(str(write_space(tmp_path, doc)), overrides={"lam": "2.5"}, trials=None, epochs=2)
+    space = search_space.load_space(str(write_space(tmp_path, doc)), overrides={"lam": "2.5"}, trials=None, epochs=2)
     assert space.base["lam"] == 2.5 and space.base["epochs"] == 2 and space.epochs == 2
     assert [p.name for p in space.parameters] == ["batch_size", "fixes.text_input"]
     assert space.trials == 4 and "grid size, 4" in space.notes[0]
-    assert search.Parameter("x", "float", low=0.1, high=0.5, step=0.2).grid() == [0.1, 0.3, 0.5]
-    assert search.Parameter("x", "int", low=16, high=64, step=16).grid() == [16, 32, 48, 64]
+    assert search_space.Parameter("x", "float", low=0.1, high=0.5, step=0.2).grid() == [0.1, 0.3, 0.5]
+    assert search_space.Parameter("x", "int", low=16, high=64, step=16).grid() == [16, 32, 48, 64]
 
 
 def test_metric_names_carry_their_protocol() -> None:
-    assert search.describe_metric("map50_mean") == "mAP@50 mean(I->T, T->I)"
-    assert search.describe_metric("mapall_t2i") == "mAP@ALL T->I"
+    assert search_space.describe_metric("map50_mean") == "mAP@50 mean(I->T, T->I)"
+    assert search_space.describe_metric("mapall_t2i") == "mAP@ALL T->I"
 
 
 BAD = [
@@ -146,7 +146,7 @@ def test_bad_space_is_one_clear_line_and_exit_2(tmp_path: Path, capsys, doc: dic
 def test_line_numbers_point_at_the_offending_key(tmp_path: Path) -> None:
     path = write_space(tmp_path, "preset: paper\nparameters:\n  delta:\n    low: 3\n    high: 1\n")
     with pytest.raises(UserError, match=r"space.yaml line 3: parameters.delta: inverted range"):
-        search.load_space(str(path))
+        search_space.load_space(str(path))
 
 
 @pytest.mark.parametrize("option,expected", [
@@ -186,7 +186,7 @@ def test_live_table_redraws_in_place_on_a_terminal_and_logs_lines_elsewhere() ->
     from agch.cli.search import LiveTable
     from agch.runner import TrialOutcome
 
-    space = search.load_space("spaces/delta_gamma.yaml")
+    space = search_space.load_space("spaces/delta_gamma.yaml")
     for stream in (_Terminal(), io.StringIO()):
         table = LiveTable(stream, refresh_s=0)
         table.on_start("demo", space, "mAP@50 mean(I->T, T->I), 64 bits")

@@ -23,7 +23,7 @@ A cell × seed already recorded in the tracking store (same config identity, see
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agch.ablation import DEFAULT_BUDGET, DEFAULT_SEEDS, DESIGNS
+    from agch.ablation_plan import DEFAULT_BUDGET, DEFAULT_SEEDS, DESIGNS
 
     parser = argparse.ArgumentParser(
         prog="agch-ablate", description="Ablate the debugging log's fixes: each on vs off, same seeds, paired tests.",
@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The ablation file (or the default design) with the command line's options layered on top."""
-    from agch.ablation import (DEFAULT_BUDGET, AblationSpec, Design, DESIGNS, check_resources, fixed_fixes,
-                               load_spec, resolve_spec_path)
+    from agch.ablation_plan import (DEFAULT_BUDGET, AblationSpec, Design, DESIGNS, check_resources, fixed_fixes,
+                                    load_spec, resolve_spec_path)
 
     toggled = tuple(cfg.fix_name(f, "--fix") for f in args.fixes if "=" not in f)
     held = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in

@@ -151,9 +151,9 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from agch import search
+    from agch.space import load_space
 
-    space = search.load_space(args.space)
+    space = load_space(args.space)
     print(f"{space.source}: ok: {', '.join(p.name for p in space.parameters)} by {space.sampler}, "
           f"{space.trials} trials x {space.epochs} epochs, scheduler {space.scheduler}")
     return 0
@@ -161,10 +161,11 @@ def _check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from agch import search
+    from agch.space import load_space
 
     data = args.data.expanduser().resolve() if args.data else None
-    space = search.load_space(args.space, overrides=_overrides(args), preset=args.preset, trials=args.trials,
-                              epochs=args.epochs, dataset=data)
+    space = load_space(args.space, overrides=_overrides(args), preset=args.preset, trials=args.trials,
+                       epochs=args.epochs, dataset=data)
     return _report(lambda table: search.start(
         space, name=args.name, tracking_uri=args.tracking_uri, experiment=args.experiment, storage_url=args.storage,
         ray_address=args.ray_address, device=args.device, verbose=args.verbose, listener=table))

@@ -1,0 +1,362 @@
+"""Ablation files and their plans: validation, designs → cells, the comparisons, cell and trial identities.
+
+An ablation toggles some of the debugging log's fixes (agch.config.Fixes) on a base config and trains every
+resulting config ("cell") with the same seeds, so each fix can be judged by a paired comparison (agch.stats).
+
+Designs (each toggles the ablation's `fixes`; the base is a preset plus the file's overrides):
+  one-fix        each fix on vs off, the other fixes as the base has them (default base: paper)
+  add-one-in     the base with every toggled fix off, then each fix added alone (default base: paper)
+  leave-one-out  the base with every toggled fix on, then each fix removed alone (default base: debug-log)
+  factorial      every on/off combination of the toggled fixes; each fix's main effect (default base: paper)
+
+agch.ablation runs a plan (reusing recorded cells) and reports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agch import config as cfg
+from agch.errors import UserError, unknown
+
+DESIGNS: dict[str, str] = {
+    "one-fix": "paper",
+    "add-one-in": "paper",
+    "leave-one-out": "debug-log",
+    "factorial": "paper",
+}
+"""Each design and the preset it starts from unless the file or --preset names another."""
+
+DEFAULT_SEEDS = 5
+"""Seeds per cell unless told otherwise: the fewest with which a paired t interval is usefully narrow."""
+
+DEFAULT_BUDGET: dict[str, Any] = {"epochs": 4, "eval_every": 4, "bits": 32, "text_hidden": 256, "gcn_hidden": 128}
+"""The budget of `agch-ablate --fix NAME` without a file: 2 cells × 5 seeds finish in a few minutes on a 2-core
+CPU on the default synthetic dataset (docs/ablation.md has the measured time). Override with --epochs / --set."""
+
+DEFAULT_RESOURCES: dict[str, float] = {"cpu": 1.0}
+"""Per trial. `gpu` unset means AUTO_GPU_FRACTION when this machine has a GPU, else none."""
+RESOURCE_KEYS = ("cpu", "gpu")
+AUTO_GPU_FRACTION = 0.25
+"""Trials are small (architecture.md): four share one GPU unless the file or --gpus-per-trial says otherwise."""
+
+SPEC_KEYS = ("name", "description", "design", "preset", "fixes", "overrides", "seeds", "dataset", "bits",
+             "epochs", "resources", "max_concurrent")
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "ablations"
+
+
+@dataclass(frozen=True)
+class Design:
+    """One design and the preset its base starts from."""
+
+    kind: str
+    preset: str
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """A validated ablation file (or the equivalent built from the command line)."""
+
+    name: str
+    designs: tuple[Design, ...]
+    fixes: tuple[str, ...]
+    """the toggled fixes (canonical names, file order)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """config keys applied to every design's preset (bits and epochs included); never a toggled fix or seed."""
+    seeds: tuple[int, ...] = tuple(range(DEFAULT_SEEDS))
+    dataset: Path | None = None
+    resources: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    max_concurrent: int | None = None
+    """trials at once; None: as many as the resources allow."""
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised file form (logged as ablation.yaml on the parent run)."""
+        return {"name": self.name, "description": self.description,
+                "design": [{"kind": d.kind, "preset": d.preset} for d in self.designs],
+                "fixes": [f.replace("_", "-") for f in self.fixes], "overrides": dict(self.overrides),
+                "seeds": list(self.seeds), "dataset": str(self.dataset) if self.dataset else None,
+                "resources": dict(self.resources), "max_concurrent": self.max_concurrent}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def seeds_from(value: Any, where: str) -> tuple[int, ...]:
+    """`seeds: 5` → (0..4); `seeds: [3, 7]` → (3, 7). At least one, no repeats."""
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise UserError(f"{where}: seeds must be a count (e.g. 5) or a list of integers, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise UserError(f"{where}: seeds must be >= 1 (>= 2 for a verdict), got {value}")
+        return tuple(range(value))
+    if not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise UserError(f"{where}: seeds must be a non-empty list of integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise UserError(f"{where}: seeds lists a seed twice: {value}")
+    return tuple(value)
+
+
+def fix_list(value: Any, where: str) -> tuple[str, ...]:
+    """A list of fix names ('text-input' or 'text_input'), canonical, no repeats."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise UserError(f"{where}: expected a non-empty list of fixes ({', '.join(cfg.FIX_ALIASES)})")
+    names = tuple(cfg.fix_name(str(item), where) for item in items)
+    if len(set(names)) != len(names):
+        raise UserError(f"{where}: a fix is listed twice: {', '.join(map(str, items))}")
+    return names
+
+
+def designs_from(value: Any, preset: str | None, where: str) -> tuple[Design, ...]:
+    """`design: add-one-in`, or a list of names / {kind, preset} mappings."""
+    items = value if isinstance(value, list) else [value]
+    designs = []
+    for i, item in enumerate(items):
+        at = f"{where}.design" + (f"[{i}]" if isinstance(value, list) else "")
+        item_preset = preset
+        if isinstance(item, dict):
+            extra = set(item) - {"kind", "preset"}
+            if extra:
+                raise unknown("design key", sorted(extra)[0], ("kind", "preset"), at)
+            item_preset = item.get("preset", preset)
+            item = item.get("kind")
+        if item not in DESIGNS:
+            raise unknown("design", str(item), DESIGNS, at)
+        chosen = str(item_preset or DESIGNS[item])
+        if chosen not in cfg.PRESETS:
+            raise unknown("preset", chosen, cfg.PRESETS, f"{at} ({item} needs a base preset)")
+        designs.append(Design(item, chosen))
+    if not designs:
+        raise UserError(f"{where}: design must name at least one of {', '.join(DESIGNS)}")
+    return tuple(dict.fromkeys(designs))
+
+
+def fixed_fixes(overrides: dict[str, Any], where: str = "") -> set[str]:
+    """Fixes an override mapping sets to a fixed value (`fixes.NAME` keys or a `fixes:` mapping)."""
+    out = set()
+    for key, value in overrides.items():
+        if key == "fixes" and isinstance(value, dict):
+            out.update(cfg.fix_name(str(k), where) for k in value)
+        elif key.startswith("fixes."):
+            out.add(cfg.fix_name(key.split(".", 1)[1], where))
+    return out
+
+
+def check_not_fixed(fixes: tuple[str, ...], overrides: dict[str, Any], where: str) -> None:
+    """A toggled fix cannot also be held fixed: the two settings contradict each other."""
+    both = [f for f in fixes if f in fixed_fixes(overrides, where)]
+    if both:
+        raise UserError(f"{where}: fix '{both[0].replace('_', '-')}' is both toggled (fixes) and fixed "
+                        f"(overrides fixes.{both[0]}); drop one of the two")
+    if "seed" in overrides:
+        raise UserError(f"{where}: 'seed' cannot be an override; the ablation sets it from 'seeds'")
+
+
+def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> AblationSpec:
+    """Validate an ablation file's mapping; every error names the file and key and what is allowed."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping with keys {', '.join(SPEC_KEYS)}")
+    for key in raw:
+        if key not in SPEC_KEYS:
+            raise unknown("ablation key", str(key), SPEC_KEYS, where)
+    for key in ("name", "design", "fixes"):
+        if raw.get(key) in (None, "", []):
+            raise UserError(f"{where}: missing '{key}'")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"{where}: overrides must be a mapping of config keys")
+    overrides = dict(overrides)
+    for key in ("bits", "epochs"):
+        if key in raw:
+            if key in overrides:
+                raise UserError(f"{where}: '{key}' is given both at the top level and in overrides; keep one")
+            overrides[key] = raw[key]
+    fixes = fix_list(raw["fixes"], f"{where}: fixes")
+    check_not_fixed(fixes, overrides, where)
+    cfg.apply(cfg.Config(), overrides, where=f"{where}: overrides")  # unknown keys / bad values fail here
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise UserError(f"{where}: resources must be a mapping such as {{cpu: 1, gpu: 0.25}}")
+    resources = check_resources(dict(DEFAULT_RESOURCES, **resources), f"{where}: resources")
+    max_concurrent = raw.get("max_concurrent")
+    if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
+        raise UserError(f"{where}: max_concurrent must be an integer >= 1, got {max_concurrent!r}")
+    dataset = raw.get("dataset")
+    if dataset is not None:
+        dataset = Path(str(dataset)).expanduser()
+        if not dataset.is_absolute() and relative_to is not None:
+            dataset = relative_to / dataset
+    return AblationSpec(
+        name=str(raw["name"]), description=str(raw.get("description") or "").strip(),
+        designs=designs_from(raw["design"], raw.get("preset"), where), fixes=fixes, overrides=overrides,
+        seeds=seeds_from(raw.get("seeds", DEFAULT_SEEDS), f"{where}: seeds"), dataset=dataset,
+        resources=resources, max_concurrent=max_concurrent)
+
+
+def check_resources(resources: dict[str, Any], where: str) -> dict[str, float]:
+    """{cpu, gpu} per trial, numbers >= 0, not both 0."""
+    for key, value in resources.items():
+        if key not in RESOURCE_KEYS:
+            raise unknown("resource", key, RESOURCE_KEYS, where)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"{where}: {key} must be a number >= 0, got {value!r}")
+    if not any(resources.values()):
+        raise UserError(f"{where}: a trial must ask for some cpu or gpu")
+    return {k: float(v) for k, v in resources.items()}
+
+
+def trial_resources(resources: dict[str, float], device: str) -> dict[str, float]:
+    """The spec's resources with `gpu` filled in when unset: a fraction of a GPU when one is here and allowed."""
+    if "gpu" in resources:
+        return dict(resources)
+    import torch
+
+    gpu = AUTO_GPU_FRACTION if device != "cpu" and torch.cuda.is_available() else 0.0
+    return dict(resources, gpu=gpu)
+
+
+def resolve_spec_path(arg: str) -> Path:
+    """A user's path, or a shipped file named as `ablations/NAME.yaml`, `NAME.yaml` or `NAME`."""
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return path.resolve()
+    shipped = SHIPPED_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    known = sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml")) if SHIPPED_DIR.is_dir() else []
+    raise UserError(f"ablation file not found: {arg} (shipped: {', '.join(known) or 'none'})")
+
+
+def load_spec(path: Path) -> AblationSpec:
+    """Read and validate an ablation YAML file."""
+    from agch.cli.common import load_yaml
+
+    return parse_spec(load_yaml(path), str(path), relative_to=path.parent)
+
+
+# ---------------------------------------------------------------- designs → cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One config of the ablation, trained once per seed. `config.seed` is a placeholder (0)."""
+
+    identity: str
+    label: str
+    config: cfg.Config
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Fix on vs off: cell identities on each side, matched position by position (same context)."""
+
+    name: str
+    fix: str
+    design: str
+    on: tuple[str, ...]
+    off: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One cell × seed. `identity` is the agch.identity tag its MLflow run carries."""
+
+    cell: str
+    seed: int
+    identity: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything an ablation will train and compare."""
+
+    spec: AblationSpec
+    dataset_identity: str
+    cells: dict[str, Cell]
+    comparisons: tuple[Comparison, ...]
+
+    def trials(self) -> list[Trial]:
+        """Every cell × seed, cells in plan order."""
+        return [Trial(c.identity, s, trial_identity(c.config, s, self.dataset_identity))
+                for c in self.cells.values() for s in self.spec.seeds]
+
+    @property
+    def identity(self) -> str:
+        """Hash of what this ablation computes and compares: finds an interrupted run of the same plan."""
+        payload = json.dumps({"trials": sorted(t.identity for t in self.trials()),
+                              "comparisons": [dataclasses.astuple(c) for c in self.comparisons]}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cell_identity(config: cfg.Config, dataset_identity: str) -> str:
+    """The config's identity without its seed (every seed of a cell shares it), on one dataset."""
+    return cfg.identity(dataclasses.replace(config, seed=0), dataset=dataset_identity, scope="cell")
+
+
+def trial_identity(config: cfg.Config, seed: int, dataset_identity: str) -> str:
+    """Exactly the agch.identity tag that tracking.run_tags puts on the run of this cell with this seed."""
+    return cfg.identity(dataclasses.replace(config, seed=seed), dataset=dataset_identity)
+
+
+def with_fixes(config: cfg.Config, settings: dict[str, bool]) -> cfg.Config:
+    """`config` with the given fixes switched."""
+    return dataclasses.replace(config, fixes=dataclasses.replace(config.fixes, **settings))
+
+
+def cell_label(design: Design, config: cfg.Config, toggled: tuple[str, ...]) -> str:
+    """'paper[+alignment -balance]': the base preset and the toggled fixes' states."""
+    states = " ".join(("+" if getattr(config.fixes, f) else "-") + f.replace("_", "-") for f in toggled)
+    return f"{design.preset}[{states}]"
+
+
+def design_cells(design: Design, base: cfg.Config, fixes: tuple[str, ...]) -> Iterator[tuple[str, cfg.Config,
+                                                                                            cfg.Config]]:
+    """(fix, on-config, off-config) for every comparison a design makes; factorial yields one per context."""
+    if design.kind == "one-fix":
+        for fix in fixes:
+            yield fix, with_fixes(base, {fix: True}), with_fixes(base, {fix: False})
+    elif design.kind == "add-one-in":
+        start = with_fixes(base, {f: False for f in fixes})
+        for fix in fixes:
+            yield fix, with_fixes(start, {fix: True}), start
+    elif design.kind == "leave-one-out":
+        start = with_fixes(base, {f: True for f in fixes})
+        for fix in fixes:
+            yield fix, start, with_fixes(start, {fix: False})
+    else:  # factorial: each fix against every combination of the others
+        for fix in fixes:
+            others = [f for f in fixes if f != fix]
+            for states in itertools.product((False, True), repeat=len(others)):
+                context = with_fixes(base, dict(zip(others, states)))
+                yield fix, with_fixes(context, {fix: True}), with_fixes(context, {fix: False})
+
+
+def build_plan(spec: AblationSpec, dataset_identity: str) -> Plan:
+    """Expand every design into cells (shared cells deduplicated by identity) and comparisons."""
+    cells: dict[str, Cell] = {}
+    comparisons: list[Comparison] = []
+
+    def add(design: Design, config: cfg.Config) -> str:
+        key = cell_identity(config, dataset_identity)
+        cells.setdefault(key, Cell(key, cell_label(design, config, spec.fixes), config))
+        return key
+
+    for design in spec.designs:
+        base = cfg.apply(cfg.preset(design.preset), spec.overrides, where=f"ablation {spec.name}: overrides")
+        sides: dict[str, tuple[list[str], list[str]]] = {}
+        for fix, on, off in design_cells(design, base, spec.fixes):
+            on_ids, off_ids = sides.setdefault(fix, ([], []))
+            on_ids.append(add(design, on))
+            off_ids.append(add(design, off))
+        for fix, (on_ids, off_ids) in sides.items():
+            comparisons.append(Comparison(f"{fix.replace('_', '-')} ({design.kind}, {design.preset})", fix,
+                                          design.kind, tuple(on_ids), tuple(off_ids)))
+    return Plan(spec, dataset_identity, cells, tuple(comparisons))
