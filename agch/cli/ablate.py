@@ -30,8 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("file", nargs="?", default=None,
                         help="ablation YAML (a path, or a shipped one by name: ablations/NAME.yaml, NAME)")
-    add_common_options(parser)
-    parser.set_defaults(preset=None)  # None = the design's own base preset (paper, or debug-log for leave-one-out)
+    add_common_options(parser, preset_default="the file's, else the design's: paper, debug-log for leave-one-out")
     parser.add_argument("--design", choices=list(DESIGNS), default=None,
                         help="design without a file (default one-fix); with a file, replaces the file's designs")
     parser.add_argument("--seeds", type=int, default=None,

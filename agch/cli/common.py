@@ -16,11 +16,15 @@ from agch import config as cfg
 from agch.errors import UserError
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """--data --preset --config --set --fix --seed --device --tracking-uri."""
+def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "paper") -> None:
+    """--data --preset --config --set --fix --seed --device --tracking-uri.
+
+    `preset_default` is shown in --preset's help; a command whose input file names the preset passes that wording.
+    """
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset file (agch-data format); default: the bundled synthetic MIRFlickr-like set")
-    parser.add_argument("--preset", default="paper", help=f"base settings: {', '.join(cfg.PRESETS)} (default paper)")
+    parser.add_argument("--preset", default="paper" if preset_default == "paper" else None,
+                        help=f"base settings: {', '.join(cfg.PRESETS)} (default {preset_default})")
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML of config keys (optionally 'preset: NAME'); applied after --preset")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -23,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="start a search from a space file",
                               description="Start a search. SPACE: a YAML file, or spaces/NAME.yaml (shipped).")
     run.add_argument("space", help="search-space YAML (spaces/NAME.yaml = shipped search_spaces/NAME.yaml)")
-    add_common_options(run)
-    run.set_defaults(preset=None)  # the space file's preset unless given here
+    add_common_options(run, preset_default="the space file's 'preset'")
     run.add_argument("--trials", type=int, default=None, help="number of trials (overrides the file)")
     run.add_argument("--epochs", type=int, default=None, help="epochs per trial, the budget (overrides the file)")
     run.add_argument("--storage", default=os.environ.get("AGCH_STORAGE") or None,
