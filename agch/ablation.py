@@ -5,6 +5,7 @@ The plan (which cells, which comparisons) comes from agch.ablation_plan; the sta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -195,7 +196,8 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
         for group in fresh:
             complete = complete and runner.run(group, resume=False)  # after an interruption, start nothing new
     except BaseException:
-        tracker.end_run(parent, "KILLED")
+        with contextlib.suppress(Exception):  # the error in flight matters more than closing the parent
+            tracker.end_run(parent, "KILLED")
         raise
     final = recorded_runs(tracker, plan.dataset_identity)
     records = [record_of(t, final.get(t.identity, []), runner.outcomes.get(t.identity), parent,

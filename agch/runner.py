@@ -9,6 +9,7 @@ driver crash, or from scratch when it had no checkpoint yet) must continue its o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -89,8 +90,8 @@ class _Session:
 
     on_result: Callable | None = None
     on_complete: Callable | None = None
-    trials: dict[str, tuple[str, dict]] = field(default_factory=dict)
-    """Tune's view at the end: trial id -> (Tune status, params)."""
+    trials: dict[str, tuple[str, dict, str | None]] = field(default_factory=dict)
+    """Tune's view at the end: trial id -> (Tune status, params, the error that ended an ERROR trial)."""
 
 
 _SESSIONS: dict[str, _Session] = {}
@@ -331,6 +332,25 @@ def run_trials(ctx: RunContext, *, param_space: dict[str, Any], num_samples: int
                                     {"cpu": resources.get("cpu", 1), "gpu": resources.get("gpu", 0)})
     path = Path(storage_dir) / name
     session = _SESSIONS[ctx.group] = _Session(on_result, on_complete)
+    _fit(ctx, session, path, trainable, resume=resume, param_space=param_space, num_samples=num_samples,
+         search_alg=search_alg, scheduler=scheduler, metric=metric, mode=mode, max_concurrent=max_concurrent,
+         time_budget_s=time_budget_s, retries=MAX_RETRIES if ray_address else 0)
+    found = outcomes(ctx)
+    recorded = {o.trial_id for o in found}
+    for trial_id, (status, params, _) in session.trials.items():  # trials that ended before opening their run
+        if trial_id not in recorded:
+            failed = status == "ERROR"
+            reason = "failed before its MLflow run started" if failed else "not started when the search ended"
+            found.append(TrialOutcome(trial_id, params, "failed" if failed else "interrupted", reason))
+    return found
+
+
+def _fit(ctx: RunContext, session: _Session, path: Path, trainable: Any, *, resume: bool, param_space: dict,
+         num_samples: int, search_alg: Any, scheduler: Any, metric: str, mode: str, max_concurrent: int,
+         time_budget_s: float | None, retries: int) -> None:
+    """Tuner.fit (restored when resuming), then the group's runs that Tune left open are closed."""
+    from ray import tune
+
     try:
         if resume and (path / "tuner.pkl").exists():
             tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
@@ -341,24 +361,23 @@ def run_trials(ctx: RunContext, *, param_space: dict[str, Any], num_samples: int
                 tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,
                                             metric=metric, mode=mode, max_concurrent_trials=max_concurrent,
                                             time_budget_s=time_budget_s, reuse_actors=True),
-                run_config=tune.RunConfig(name=name, storage_path=str(Path(storage_dir).resolve()), verbose=0,
+                run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent.resolve()), verbose=0,
                                           callbacks=[_TrialEvents(ctx)],
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                                          failure_config=tune.FailureConfig(
-                                              max_failures=MAX_RETRIES if ray_address else 0)))
+                                          failure_config=tune.FailureConfig(max_failures=retries)))
         tuner.fit()
-    finally:
+    except BaseException:
         _SESSIONS.pop(ctx.group, None)
-        mark_lost(ctx, set(session.trials))
-        close_unfinished(ctx)
-    found = outcomes(ctx)
-    recorded = {o.trial_id for o in found}
-    for trial_id, (status, params) in session.trials.items():  # trials that ended before opening their run
-        if trial_id not in recorded:
-            failed = status == "ERROR"
-            reason = "failed before its MLflow run started" if failed else "not started when the search ended"
-            found.append(TrialOutcome(trial_id, params, "failed" if failed else "interrupted", reason))
-    return found
+        with contextlib.suppress(Exception):  # the error in flight says more than a failed cleanup would
+            _close_open_runs(ctx, session)
+        raise
+    _SESSIONS.pop(ctx.group, None)
+    _close_open_runs(ctx, session)
+
+
+def _close_open_runs(ctx: RunContext, session: _Session) -> None:
+    mark_lost(ctx, set(session.trials))
+    close_unfinished(ctx, {trial_id: error for trial_id, (_, _, error) in session.trials.items() if error})
 
 
 def mark_lost(ctx: RunContext, known: set[str]) -> None:
@@ -379,13 +398,22 @@ def mark_lost(ctx: RunContext, known: set[str]) -> None:
                 tracker.end_run(run.info.run_id, "KILLED")
 
 
-def close_unfinished(ctx: RunContext) -> None:
-    """Mark the group's runs still open after Tune returned as interrupted (a resume reopens them)."""
+def close_unfinished(ctx: RunContext, errors: dict[str, str] | None = None) -> None:
+    """Close the group's runs still open after Tune returned.
+
+    A trial Tune holds as errored (`errors`: trial id -> its error; e.g. it could not log while the tracking server
+    was down, so no one closed its run) is failed with that error: Tune does not run it again. Any other is
+    interrupted: a resume continues it from its last checkpoint.
+    """
     tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment)
     for run in tracker.group_runs(ctx.group):
         if run.info.status == "RUNNING" and run.data.tags.get("agch.status") != "lost":
-            end_trial_run(tracker, run.info.run_id, "interrupted",
-                          "the search ended before this trial did; `resume` continues it from its last checkpoint")
+            error = (errors or {}).get(run.data.tags["agch.trial_id"])
+            if error:
+                end_trial_run(tracker, run.info.run_id, "failed", error)
+            else:
+                end_trial_run(tracker, run.info.run_id, "interrupted", "the search ended before this trial did; "
+                              "`resume` continues it from its last checkpoint")
 
 
 def outcomes(ctx: RunContext) -> list[TrialOutcome]:
@@ -441,7 +469,9 @@ class _TrialEvents(Callback):
         self._notify(trial)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.session.trials.update({t.trial_id: (t.status, dict(t.config)) for t in trials})
+        self.session.trials.update({t.trial_id: (t.status, dict(t.config),
+                                                 _last_line(t.error_file) if t.status == "ERROR" else None)
+                                    for t in trials})
 
     def _run_of(self, trial: Any) -> Any | None:
         return self.tracker.find_trial_run(self.ctx.group, trial_slot(self.ctx, dict(trial.config)))

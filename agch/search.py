@@ -6,6 +6,7 @@ trials through agch.runner; `resume` continues one that was interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -294,6 +295,7 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
     import optuna
 
     from agch.runner import RunContext, run_trials
+    from agch.tracking import outage_hint
 
     space, ctx = _space_from_state(state), RunContext(**state["context"])
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
@@ -305,19 +307,22 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
     if listener is not None:
         listener.on_start(state["name"], space, state["protocol"])
     interrupted, found = False, None
-    try:
-        found = run_trials(ctx, param_space={}, num_samples=space.trials * space.seeds, search_alg=search_alg,
-                   scheduler=make_scheduler(space), metric=space.metrics[0], mode=space.mode,
-                   resources={"cpu": space.cpus, "gpu": space.gpus}, max_concurrent=space.concurrency,
-                   storage_dir=searches_root(), name=state["name"], ray_address=state["ray_address"], resume=resume,
-                   time_budget_s=space.time_budget_s, verbose=verbose,
-                   on_result=getattr(listener, "on_result", None), on_complete=getattr(listener, "on_complete", None))
-    except KeyboardInterrupt:
-        interrupted = True
-    except BaseException:
-        _open_tracker(ctx.tracking_uri, ctx.experiment).end_run(ctx.parent_run_id, "FAILED")
-        raise
-    return _finish(state, found, interrupted=interrupted, notes=list(space.notes))
+    with outage_hint(ctx.tracking_uri, f"agch-search resume {state['name']}"):
+        try:
+            found = run_trials(
+                ctx, param_space={}, num_samples=space.trials * space.seeds, search_alg=search_alg,
+                scheduler=make_scheduler(space), metric=space.metrics[0], mode=space.mode,
+                resources={"cpu": space.cpus, "gpu": space.gpus}, max_concurrent=space.concurrency,
+                storage_dir=searches_root(), name=state["name"], ray_address=state["ray_address"], resume=resume,
+                time_budget_s=space.time_budget_s, verbose=verbose, on_result=getattr(listener, "on_result", None),
+                on_complete=getattr(listener, "on_complete", None))
+        except KeyboardInterrupt:
+            interrupted = True
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error in flight matters more than closing the parent
+                _open_tracker(ctx.tracking_uri, ctx.experiment).end_run(ctx.parent_run_id, "FAILED")
+            raise
+        return _finish(state, found, interrupted=interrupted, notes=list(space.notes))
 
 
 def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[str]) -> SearchReport:

@@ -5,6 +5,7 @@ Uses MlflowClient with explicit run ids (no global active run), so Ray trials an
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -13,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +37,36 @@ def resolve_uri(uri: str | None) -> str:
     return default_tracking_uri()
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast (before any trial starts) when a tracking server does not answer."""
+def unreachable(uri: str, timeout: float = 5.0) -> str | None:
+    """Why a tracking server does not answer its /health now, or None when it does (or `uri` is not a server)."""
     if not uri.startswith(("http://", "https://")):
-        return
+        return None
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-            if response.status != 200:
-                raise UserError(f"tracking server {uri} answered HTTP {response.status} on /health")
+            return None if response.status == 200 else f"HTTP {response.status} on /health"
     except (urllib.error.URLError, OSError) as err:
-        raise UserError(f"tracking server {uri} is unreachable ({getattr(err, 'reason', err)}); "
-                        "start it or pass another --tracking-uri") from None
+        return str(getattr(err, "reason", err))
+
+
+@contextlib.contextmanager
+def outage_hint(uri: str, then: str) -> Iterator[None]:
+    """Re-raise an error met while the tracking server at `uri` does not answer as a UserError saying so and what
+    to run once it answers again (`then`); other errors pass unchanged."""
+    try:
+        yield
+    except Exception as err:
+        reason = unreachable(uri)
+        if reason is None:
+            raise
+        raise UserError(f"the tracking server {uri} stopped answering ({reason}); the runs it recorded are kept and "
+                        f"each trial keeps its last checkpoint. Once it answers again: {then}") from err
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast (before any trial starts) when a tracking server does not answer."""
+    reason = unreachable(uri)
+    if reason is not None:
+        raise UserError(f"tracking server {uri} is unreachable ({reason}); start it or pass another --tracking-uri")
 
 
 def code_version() -> str:

@@ -59,8 +59,8 @@ def cluster(tmp_path_factory):
                 state["mlflow"].stop()
 
 
-def _cli(cluster, tool: str, *args: str, wait: bool = True, timeout: float = 600):
-    env = {**os.environ, **services.RAY_ENV, "AGCH_HOME": str(cluster["tmp"] / "home")}
+def _cli(cluster, tool: str, *args: str, wait: bool = True, timeout: float = 600, env: dict | None = None):
+    env = {**os.environ, **services.RAY_ENV, "AGCH_HOME": str(cluster["tmp"] / "home"), **(env or {})}
     cmd = [str(services.VENV_BIN / tool), *args, "--ray-address", cluster["address"]]
     if args[0] != "resume":  # a resumed search reads its stores from its own saved state
         cmd += ["--tracking-uri", cluster["uri"]]
@@ -98,7 +98,11 @@ def _ended(runs) -> bool:
                for r in runs)
 
 
-def _report(what: str, **counts) -> None:
+def _report(what: str, trials: int, runs, **extra) -> None:
+    """One summary line: trials, runs, failures (FAILED runs), retries (runs continued by a later attempt), extra."""
+    failures = sum(r.info.status == "FAILED" for r in runs)
+    retries = sum(int(r.data.tags.get("agch.attempts", "1")) > 1 for r in runs)
+    counts = {"trials": trials, "runs": len(runs), "failures": failures, "retries": retries, **extra}
     FAULT_REPORTS.append(f"[{what}] " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
@@ -129,7 +133,7 @@ def test_search_and_ablation_land_in_postgres_and_use_both_nodes(cluster, tiny_d
     assert code == 0, out
     ablation_runs = [r for r in _runs(cluster, "agch-ablate") if "mlflow.parentRunId" in r.data.tags]
     assert len(ablation_runs) == 4 and _ended(ablation_runs)
-    _report("search+ablation", trials=4 + 4, runs=len(children) + len(ablation_runs), nodes=len(nodes))
+    _report("search+ablation", 4 + 4, children + ablation_runs, nodes=len(nodes))
 
 
 def test_killing_a_worker_node_mid_search_retries_its_trials(cluster, tiny_dataset):
@@ -152,13 +156,11 @@ def test_killing_a_worker_node_mid_search_retries_its_trials(cluster, tiny_datas
     assert len(per_trial) == 4 and max(per_trial.values()) == 1  # one MLflow run per trial, retries included
     assert _ended(children), [(r.info.status, r.data.tags.get("agch.reason")) for r in children]
     retried = [r for r in children if int(r.data.tags.get("agch.attempts", "1")) > 1]
-    seen = [(r.info.run_id[:8], r.info.status, r.data.tags.get("agch.attempts"), r.data.tags.get("ray.node_id", "")[:8],
-             r.data.tags.get("agch.reason")) for r in children]
-    assert {r.info.run_id for r in retried} >= set(doomed), (seen, doomed, extra.node_id[:8], out)  # ran again
-    assert all(r.data.tags["ray.node_id"] != extra.node_id for r in retried)
-    failures = sum(r.info.status == "FAILED" for r in children)
-    _report("worker killed", trials=len(per_trial), runs=len(children), failures=failures, retries=len(retried),
-            on_killed_node=len(doomed))
+    seen = [(r.info.run_id, r.info.status, r.data.tags.get("agch.attempts"), r.data.tags.get("ray.node_id"))
+            for r in children]
+    assert {r.info.run_id for r in retried} >= set(doomed), (seen, doomed, extra.node_id)  # each ran again...
+    assert all(r.data.tags["ray.node_id"] != extra.node_id for r in retried)  # ...on another node
+    _report("worker killed", len(per_trial), children, on_killed_node=len(doomed))
 
 
 def test_killing_the_driver_then_resume_reruns_nothing(cluster, tiny_dataset):
@@ -183,33 +185,44 @@ def test_killing_the_driver_then_resume_reruns_nothing(cluster, tiny_dataset):
 
     study = optuna.load_study(study_name="cluster-s3", storage=cluster["storage"])
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3] and all(t.state.is_finished() for t in study.trials)
-    adopted = sum(int(r.data.tags.get("agch.attempts", "1")) > 1 for r in children)
-    _report("driver killed + resume", trials=len(study.trials), runs=len(children), finished_before=len(before),
-            continued=adopted)
+    _report("driver killed + resume", len(study.trials), children, finished_before=len(before))
 
 
-def test_mlflow_server_outage_loses_no_result(cluster, tiny_dataset):
-    space = _space(cluster, "s4", trials=2, concurrency=2, scheduler={"name": "none", "epochs": 6})
-    proc = _cli(cluster, "agch-search", "run", str(space), "--data", str(tiny_dataset), "--name", "cluster-s4",
-                wait=False)
-    _wait_until(lambda: len(_children(_runs(cluster, "agch-search"), "cluster-s4")) == 2, 240, "both trials running")
-    cluster["mlflow"].stop()
-    time.sleep(8)  # the trials keep training and logging into the outage
+@pytest.mark.parametrize("outage_s, driver_retries", [(8, None), (25, "0")], ids=["brief", "outlasts-driver"])
+def test_mlflow_server_outage_loses_no_result(cluster, tiny_dataset, outage_s, driver_retries):
+    """The server is killed while two trials log, and restarted on the same port `outage_s` later.
+
+    brief: every MLflow client (the trials' and the driver's) retries through it. outlasts-driver: the driver's
+    client gives up at once (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0); the search then either never needed the server
+    during the outage, or stops with an error that says to resume, and `resume` completes it. Either way both
+    trials end with one run each holding every epoch.
+    """
+    name = f"cluster-s4-{outage_s}"
+    space = _space(cluster, name, trials=2, concurrency=2, scheduler={"name": "none", "epochs": 6})
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": driver_retries} if driver_retries else {}
+    proc = _cli(cluster, "agch-search", "run", str(space), "--data", str(tiny_dataset), "--name", name,
+                wait=False, env=env)
+    _wait_until(lambda: len(_children(_runs(cluster, "agch-search"), name)) == 2, 240, "both trials running")
+    cluster["mlflow"].stop(signal.SIGKILL)
+    time.sleep(outage_s)  # the trials keep training and logging into the outage
     restarted, _ = services.start_mlflow(f"{cluster['pg']}/mlflow", cluster["tmp"] / "artifacts",
-                                         cluster["tmp"] / "mlflow2.log", port=cluster["mlflow_port"])
+                                         cluster["tmp"] / f"mlflow-{outage_s}.log", port=cluster["mlflow_port"])
     cluster["mlflow"] = restarted
     out, _ = proc.communicate(timeout=600)
-    children = _children(_runs(cluster, "agch-search"), "cluster-s4")
+    resumed = proc.returncode != 0
+    if resumed:
+        assert proc.returncode == 2 and f"Once it answers again: agch-search resume {name}" in out, out
+        code, out = _cli(cluster, "agch-search", "resume", name)
+    assert not resumed or code == 0, out
+    children = _children(_runs(cluster, "agch-search"), name)
     statuses = collections.Counter(r.info.status for r in children)
-    _report("mlflow outage", trials=2, runs=len(children), **{s.lower(): n for s, n in statuses.items()})
-    assert len(children) == 2
+    _report(f"mlflow outage {outage_s} s", 2, children, resumed=int(resumed),
+            **{s.lower(): n for s, n in statuses.items()})
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(cluster["uri"])
-    for run in children:  # finished with every metric, or failed with the reason: never silently incomplete
-        if run.info.status == "FINISHED":
-            assert "map50_mean" in run.data.metrics and run.data.tags["agch.status"] == "finished"
-            epochs = [m.step for m in client.get_metric_history(run.info.run_id, "loss_total")]
-            assert sorted(epochs) == list(range(1, 7)), epochs  # every epoch's losses, the outage's included
-        else:
-            assert run.info.status == "FAILED" and run.data.tags.get("agch.reason"), out
+    assert len(children) == 2 and statuses == {"FINISHED": 2}, out
+    for run in children:  # every metric, the outage's epochs included
+        assert "map50_mean" in run.data.metrics and run.data.tags["agch.status"] == "finished"
+        epochs = [m.step for m in client.get_metric_history(run.info.run_id, "loss_total")]
+        assert sorted(epochs) == list(range(1, 7)), epochs

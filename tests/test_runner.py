@@ -47,15 +47,17 @@ def test_runs_of_trials_tune_no_longer_knows_are_tagged_lost(tmp_path: Path, tin
     tracker = runner.RetryingTracker(uri, "runner-test")
     ctx = context(uri, tiny_dataset, tracker.start_run("parent"))
     ids = {}
-    for trial_id in ("kept", "gone"):
+    for trial_id in ("kept", "gone", "errored"):
         ids[trial_id] = tracker.start_run(trial_id, tags={"agch.group": ctx.group, "agch.trial_id": trial_id},
                                           parent=ctx.parent_run_id)
-    runner.mark_lost(ctx, {"kept"})
-    runner.close_unfinished(ctx)
-    gone, kept = (tracker.client.get_run(ids[t]) for t in ("gone", "kept"))
+    runner.mark_lost(ctx, {"kept", "errored"})
+    runner.close_unfinished(ctx, {"errored": "trial process failed: MlflowException: API request failed"})
+    gone, kept, errored = (tracker.client.get_run(ids[t]) for t in ("gone", "kept", "errored"))
     assert (gone.info.status, gone.data.tags["agch.status"]) == ("KILLED", "lost")
     assert (kept.info.status, kept.data.tags["agch.status"]) == ("KILLED", "interrupted")
-    assert [o.trial_id for o in runner.outcomes(ctx)] == ["kept"]
+    assert (errored.info.status, errored.data.tags["agch.status"]) == ("FAILED", "failed")
+    assert errored.data.tags["agch.reason"].endswith("API request failed")
+    assert [o.trial_id for o in runner.outcomes(ctx)] == ["kept", "errored"]
 
 
 def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path) -> None:
@@ -106,3 +108,17 @@ def test_grid_trials_record_one_run_each_and_a_failure_does_not_stop_the_rest(ra
     assert {r.info.status for r in runs.values()} == {"FINISHED", "FAILED"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs.values())
     assert len({frozenset(r.data.params) for r in runs.values()}) == 1  # the same param names in every trial
+
+
+def test_an_error_met_while_the_tracking_server_is_down_says_how_to_continue() -> None:
+    from agch.tracking import outage_hint
+    from tests.services import free_port
+
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(UserError, match=r"stopped answering .*Once it answers again: agch-search resume s1$") as info:
+        with outage_hint(down, "agch-search resume s1"):
+            raise ConnectionError("API request to endpoint /api/2.0/mlflow/runs/log-batch failed")
+    assert isinstance(info.value.__cause__, ConnectionError)  # the original error stays attached
+    with pytest.raises(ValueError, match="not an outage"):  # an embedded store has no outage to report
+        with outage_hint("sqlite:///x.db", "agch-search resume s1"):
+            raise ValueError("not an outage")

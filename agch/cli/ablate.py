@@ -122,6 +122,7 @@ def live_line(label: str, seed: int, metrics: dict[str, Any], topk: int) -> str 
 
 def run(argv: list[str] | None) -> int:
     from agch.ablation import analyse, publish, report_tables, run_ablation
+    from agch.tracking import outage_hint, resolve_uri
 
     args = build_parser().parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -142,12 +143,14 @@ def run(argv: list[str] | None) -> int:
     say(f"agch-ablate {spec.name}: {', '.join(d.kind + ' (' + d.preset + ')' for d in spec.designs)} over "
         f"{', '.join(f.replace('_', '-') for f in spec.fixes)}; seeds {', '.join(map(str, spec.seeds))}; "
         f"dataset {data}")
-    result = run_ablation(spec, data, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                          device=args.device, rerun=args.rerun, ray_address=args.ray_address, on_result=on_result,
-                          say=say)
-    results = analyse(result)
-    tables = report_tables(result, results)
-    publish(result, results, tables)
+    with outage_hint(resolve_uri(args.tracking_uri), "run the same agch-ablate command (it resumes this ablation "
+                     "and retrains nothing recorded)"):
+        result = run_ablation(spec, data, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                              device=args.device, rerun=args.rerun, ray_address=args.ray_address,
+                              on_result=on_result, say=say)
+        results = analyse(result)
+        tables = report_tables(result, results)
+        publish(result, results, tables)
     say("\n" + tables["console"])
     say(f"\nMLflow: parent run {result.parent_run_id} (experiment {result.experiment}) at {result.tracking_uri}; "
         f"artifacts results.md, comparisons.csv, trials.csv, effects.png. "
