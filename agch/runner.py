@@ -16,10 +16,11 @@ import json
 import logging
 import os
 import random
+import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,49 +125,73 @@ def trial_slot(ctx: RunContext, params: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- MLflow access
+TRACKING_WAIT_S = "AGCH_TRACKING_WAIT_S"
+"""Environment variable: how long (seconds, default 600) a trial or the driver waits for a tracking server that
+stopped answering, beyond MLflow's own client retries, before its call fails. Trials get the driver's value."""
+
+
+def tracking_wait_s() -> float:
+    value = os.environ.get(TRACKING_WAIT_S, "600")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise UserError(f"{TRACKING_WAIT_S} must be a number of seconds, got {value!r}") from None
+
+
 class RetryingTracker:
-    """agch.tracking.Tracker whose calls retry with backoff while an SQLite store is locked by another trial."""
+    """agch.tracking.Tracker whose calls retry with backoff while an SQLite store is locked by another trial, and
+    wait (up to tracking_wait_s) while a tracking server does not answer."""
 
     ATTEMPTS = 10
+    """tries while SQLite says the database is locked."""
 
-    def __init__(self, uri: str, experiment: str):
-        from agch.tracking import Tracker
+    def __init__(self, uri: str, experiment: str, *, wait: bool = True):
+        """wait=False: fail at once when the server does not answer (a check before anything starts)."""
+        from agch.tracking import Tracker, resolve_uri
 
-        self._tracker = _retry(Tracker, uri, experiment)
+        self.uri, self.wait = resolve_uri(uri), wait
+        self._tracker = self._call(Tracker, self.uri, experiment)
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._tracker, name)
         if not callable(value):
             return value
-        return lambda *args, **kwargs: _retry(value, *args, **kwargs)
+        return lambda *args, **kwargs: self._call(value, *args, **kwargs)
+
+    def _call(self, call: Callable, *args: Any, **kwargs: Any) -> Any:
+        from agch.tracking import unreachable
+
+        locked, deadline = 0, None
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as err:  # MLflow wraps SQLAlchemy's OperationalError in several exception types
+                if "locked" in str(err) and locked < self.ATTEMPTS - 1:
+                    time.sleep(min(0.05 * 2 ** locked, 2.0) * (1 + random.random()))
+                    locked += 1
+                    continue
+                if not self.wait or unreachable(self.uri) is None:
+                    raise
+                deadline = deadline or time.monotonic() + tracking_wait_s()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(2.0)
 
     def reopen(self, run_id: str) -> None:
         """Set a run that an earlier session left KILLED (or RUNNING) back to RUNNING."""
-        _retry(self._tracker.client.update_run, run_id, status="RUNNING")
+        self._call(self._tracker.client.update_run, run_id, status="RUNNING")
 
     def find_trial_run(self, group: str, slot: str) -> Any | None:
         """The MLflow run of the trial at `slot` (see trial_slot) in `group`, if one was started."""
-        runs = _retry(self._tracker.client.search_runs, [self._tracker.experiment_id],
-                      f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
+        runs = self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
+                          f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
         return runs[0] if runs else None
 
     def group_runs(self, group: str) -> list[Any]:
         """Every child run of `group`, oldest first."""
-        return _retry(self._tracker.client.search_runs, [self._tracker.experiment_id],
-                      f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` != ''", max_results=50000,
-                      order_by=["attributes.start_time ASC"])
-
-
-def _retry(call: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Call `call`, retrying with jittered backoff while the error says the database is locked."""
-    for attempt in range(RetryingTracker.ATTEMPTS):
-        try:
-            return call(*args, **kwargs)
-        except Exception as err:  # MLflow wraps SQLAlchemy's OperationalError in several exception types
-            if "locked" not in str(err) or attempt == RetryingTracker.ATTEMPTS - 1:
-                raise
-            time.sleep(min(0.05 * 2 ** attempt, 2.0) * (1 + random.random()))
-    raise AssertionError("unreachable")
+        return self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
+                          f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` != ''", max_results=50000,
+                          order_by=["attributes.start_time ASC"])
 
 
 def end_trial_run(tracker: RetryingTracker, run_id: str, status: str, reason: str | None) -> None:
@@ -275,11 +300,16 @@ def start_ray(address: str | None = None, resources: dict[str, float] | None = N
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # Trials on other nodes do not share the driver's environment: pass on MLflow's client settings
+        # (credentials, retries) and the tracking wait.
+        passed = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_") or k == TRACKING_WAIT_S}
+        options = {"log_to_driver": verbose, "logging_level": level,
+                   **({"runtime_env": {"env_vars": passed}} if passed else {})}
         try:
             if address:
-                ray.init(address=address, log_to_driver=verbose, logging_level=level)
+                ray.init(address=address, **options)
             else:  # "local" never attaches to a cluster someone else started on this machine
-                ray.init(address="local", include_dashboard=False, log_to_driver=verbose, logging_level=level)
+                ray.init(address="local", include_dashboard=False, **options)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"cannot reach the Ray cluster at {address}: {err}") from None
         started = True
@@ -369,18 +399,21 @@ def _fit(ctx: RunContext, session: _Session, path: Path, trainable: Any, *, resu
     except BaseException:
         _SESSIONS.pop(ctx.group, None)
         with contextlib.suppress(Exception):  # the error in flight says more than a failed cleanup would
-            _close_open_runs(ctx, session)
+            _close_open_runs(ctx, session, wait=False)
         raise
     _SESSIONS.pop(ctx.group, None)
     _close_open_runs(ctx, session)
 
 
-def _close_open_runs(ctx: RunContext, session: _Session) -> None:
-    mark_lost(ctx, set(session.trials))
-    close_unfinished(ctx, {trial_id: error for trial_id, (_, _, error) in session.trials.items() if error})
+def _close_open_runs(ctx: RunContext, session: _Session, *, wait: bool = True) -> None:
+    mark_lost(ctx, set(session.trials), wait=wait)
+    ended = {trial_id: ("failed", error) if status == "ERROR" else
+             ("stopped", "early-stopped by the scheduler (recorded when the search ended)")
+             for trial_id, (status, _, error) in session.trials.items() if status in ("ERROR", "TERMINATED")}
+    close_unfinished(ctx, ended, wait=wait)
 
 
-def mark_lost(ctx: RunContext, known: set[str]) -> None:
+def mark_lost(ctx: RunContext, known: set[str], *, wait: bool = True) -> None:
     """Tag 'lost' the group's runs of trials that Tune no longer knows.
 
     A driver killed outright loses the trials it started after Tune last saved its state (at most a second
@@ -389,7 +422,7 @@ def mark_lost(ctx: RunContext, known: set[str]) -> None:
     """
     if not known:  # Tune never got as far as listing its trials
         return
-    tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment)
+    tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment, wait=wait)
     for run in tracker.group_runs(ctx.group):
         if run.data.tags["agch.trial_id"] not in known and run.data.tags.get("agch.status") != "lost":
             reason = "started after the search's last saved state by a driver that was killed; not part of it"
@@ -398,22 +431,20 @@ def mark_lost(ctx: RunContext, known: set[str]) -> None:
                 tracker.end_run(run.info.run_id, "KILLED")
 
 
-def close_unfinished(ctx: RunContext, errors: dict[str, str] | None = None) -> None:
+def close_unfinished(ctx: RunContext, ended: dict[str, tuple[str, str]] | None = None, *, wait: bool = True) -> None:
     """Close the group's runs still open after Tune returned.
 
-    A trial Tune holds as errored (`errors`: trial id -> its error; e.g. it could not log while the tracking server
-    was down, so no one closed its run) is failed with that error: Tune does not run it again. Any other is
-    interrupted: a resume continues it from its last checkpoint.
+    `ended`: trial id -> (state, reason) for trials Tune has ended whose runs no one closed (the driver could not
+    reach the tracking server then): 'failed' with the trial's error, or 'stopped' by the scheduler. Tune does
+    not run those again. Any other open run is interrupted: a resume continues it from its last checkpoint.
     """
-    tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment)
+    interrupted = ("interrupted", "the search ended before this trial did; `resume` continues it from its last "
+                   "checkpoint")
+    tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment, wait=wait)
     for run in tracker.group_runs(ctx.group):
         if run.info.status == "RUNNING" and run.data.tags.get("agch.status") != "lost":
-            error = (errors or {}).get(run.data.tags["agch.trial_id"])
-            if error:
-                end_trial_run(tracker, run.info.run_id, "failed", error)
-            else:
-                end_trial_run(tracker, run.info.run_id, "interrupted", "the search ended before this trial did; "
-                              "`resume` continues it from its last checkpoint")
+            state, reason = (ended or {}).get(run.data.tags["agch.trial_id"], interrupted)
+            end_trial_run(tracker, run.info.run_id, state, reason)
 
 
 def outcomes(ctx: RunContext) -> list[TrialOutcome]:
@@ -456,17 +487,30 @@ class _TrialEvents(Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         last = trial.last_result or {}
-        run = self._run_of(trial)
-        if run is not None and not last.get(FINAL) and run.info.status == "RUNNING":
-            end_trial_run(self.tracker, run.info.run_id, "stopped",
-                          f"early-stopped by the scheduler after epoch {last.get('epoch', '?')}")
-        self._notify(trial)
+        with self._best_effort(trial):
+            run = self._run_of(trial)
+            if run is not None and not last.get(FINAL) and run.info.status == "RUNNING":
+                end_trial_run(self.tracker, run.info.run_id, "stopped",
+                              f"early-stopped by the scheduler after epoch {last.get('epoch', '?')}")
+            self._notify(self._run_of(trial))
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run = self._run_of(trial)
-        if run is not None and run.info.status == "RUNNING":  # the trial's process died before it could say why
-            end_trial_run(self.tracker, run.info.run_id, "failed", _last_line(trial.error_file))
-        self._notify(trial)
+        with self._best_effort(trial):
+            run = self._run_of(trial)
+            if run is not None and run.info.status == "RUNNING":  # the trial's process died before it could say why
+                end_trial_run(self.tracker, run.info.run_id, "failed", _last_line(trial.error_file))
+            self._notify(self._run_of(trial))
+
+    @contextlib.contextmanager
+    def _best_effort(self, trial: Any) -> Iterator[None]:
+        """Bookkeeping that fails (tracking server gone past its wait) must not end the search: the runs left
+        open are closed when Tune returns (close_unfinished), from Tune's own view of each trial."""
+        try:
+            yield
+        except Exception as err:
+            print(f"agch: could not record the end of trial {trial.trial_id} in MLflow now "
+                  f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                  "it is recorded when the search ends", file=sys.stderr)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self.session.trials.update({t.trial_id: (t.status, dict(t.config),
@@ -476,8 +520,7 @@ class _TrialEvents(Callback):
     def _run_of(self, trial: Any) -> Any | None:
         return self.tracker.find_trial_run(self.ctx.group, trial_slot(self.ctx, dict(trial.config)))
 
-    def _notify(self, trial: Any) -> None:
-        run = self._run_of(trial)
+    def _notify(self, run: Any | None) -> None:
         if self.session.on_complete is not None and run is not None:
             self.session.on_complete(_outcome(run))
 

@@ -182,12 +182,13 @@ def open_storage(url: str) -> Any:
         raise UserError(f"Optuna storage {redact(url)} is unreachable: {str(err).splitlines()[0]}") from None
 
 
-def _open_tracker(uri: str | None, experiment: str) -> Any:
+def _open_tracker(uri: str | None, experiment: str, *, wait: bool = True) -> Any:
+    """The search's tracker; wait=False (the checks before a search starts) fails at once on an unreachable server."""
     from agch.runner import RetryingTracker
     from agch.tracking import resolve_uri
 
     try:
-        return RetryingTracker(resolve_uri(uri), experiment)
+        return RetryingTracker(resolve_uri(uri), experiment, wait=wait)
     except UserError:
         raise
     except Exception as err:
@@ -229,7 +230,7 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
     folder = searches_root() / name
     need(not folder.exists(), "--name", f"a search named {name} exists; continue it with "
           f"`agch-search resume {name}` or choose another name")
-    tracker = _open_tracker(tracking_uri, experiment)
+    tracker = _open_tracker(tracking_uri, experiment, wait=False)
     storage_url = storage_url or default_storage_url(tracker.uri)
     storage = open_storage(storage_url)
     need(name not in [s.study_name for s in storage.get_all_studies()], "--name",
@@ -272,7 +273,7 @@ def resume(name: str, *, ray_address: str | None = None, verbose: bool = False, 
         return _finish(state, None, interrupted=False, notes=[f"search {name} had already finished; nothing was run"])
     if ray_address:
         state["ray_address"] = ray_address
-    tracker = _open_tracker(state["context"]["tracking_uri"], state["context"]["experiment"])
+    tracker = _open_tracker(state["context"]["tracking_uri"], state["context"]["experiment"], wait=False)
     open_storage(state["storage_url"])
     space = _space_from_state(state)
     start_ray(state["ray_address"], {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
@@ -320,7 +321,7 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
             interrupted = True
         except BaseException:
             with contextlib.suppress(Exception):  # the error in flight matters more than closing the parent
-                _open_tracker(ctx.tracking_uri, ctx.experiment).end_run(ctx.parent_run_id, "FAILED")
+                _open_tracker(ctx.tracking_uri, ctx.experiment, wait=False).end_run(ctx.parent_run_id, "FAILED")
             raise
         return _finish(state, found, interrupted=interrupted, notes=list(space.notes))
 

@@ -51,7 +51,7 @@ def test_runs_of_trials_tune_no_longer_knows_are_tagged_lost(tmp_path: Path, tin
         ids[trial_id] = tracker.start_run(trial_id, tags={"agch.group": ctx.group, "agch.trial_id": trial_id},
                                           parent=ctx.parent_run_id)
     runner.mark_lost(ctx, {"kept", "errored"})
-    runner.close_unfinished(ctx, {"errored": "trial process failed: MlflowException: API request failed"})
+    runner.close_unfinished(ctx, {"errored": ("failed", "trial process failed: MlflowException: API request failed")})
     gone, kept, errored = (tracker.client.get_run(ids[t]) for t in ("gone", "kept", "errored"))
     assert (gone.info.status, gone.data.tags["agch.status"]) == ("KILLED", "lost")
     assert (kept.info.status, kept.data.tags["agch.status"]) == ("KILLED", "interrupted")
@@ -122,3 +122,21 @@ def test_an_error_met_while_the_tracking_server_is_down_says_how_to_continue() -
     with pytest.raises(ValueError, match="not an outage"):  # an embedded store has no outage to report
         with outage_hint("sqlite:///x.db", "agch-search resume s1"):
             raise ValueError("not an outage")
+
+
+def test_tracking_wait_is_read_from_the_environment_and_checked(monkeypatch) -> None:
+    monkeypatch.setenv(runner.TRACKING_WAIT_S, "42")
+    assert runner.tracking_wait_s() == 42
+    monkeypatch.setenv(runner.TRACKING_WAIT_S, "ten minutes")
+    with pytest.raises(UserError, match="AGCH_TRACKING_WAIT_S must be a number of seconds, got 'ten minutes'"):
+        runner.tracking_wait_s()
+
+
+def test_a_check_before_starting_does_not_wait_for_an_unreachable_server(monkeypatch) -> None:
+    from tests.services import free_port
+
+    monkeypatch.setenv(runner.TRACKING_WAIT_S, "600")
+    started = time.monotonic()
+    with pytest.raises(UserError, match="is unreachable"):
+        runner.RetryingTracker(f"http://127.0.0.1:{free_port()}", "x", wait=False)
+    assert time.monotonic() - started < 30
