@@ -202,3 +202,30 @@ def test_live_table_redraws_in_place_on_a_terminal_and_logs_lines_elsewhere() ->
             assert "\x1b[" in text and text.rstrip().endswith("best so far: t1 map50_mean 0.6400")
         else:
             assert "\x1b[" not in text and text.count("\n") == 6  # two header lines, one per event
+
+
+def test_a_restored_search_hands_out_first_the_trials_a_killed_driver_had_asked_for(tmp_path: Path) -> None:
+    """The driver saved the searcher after trial t1; it asked Optuna for t2 and died. The restored searcher gives
+    t2's Optuna trial (same params, same number) to the first trial it is asked for, then asks new ones."""
+    import optuna
+
+    from agch import search
+    from agch.runner import TRIAL_NUMBER
+
+    space = search_space.load_space("spaces/delta_gamma.yaml")
+
+    def searcher() -> object:
+        return search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
+                                  mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
+                                  storage=search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+
+    before = searcher()
+    first = before.suggest("t1")
+    before.save(str(tmp_path / "searcher.pkl"))
+    lost = before.suggest("t2")
+    restored = searcher()
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert restored.suggest("t3") == lost and lost[TRIAL_NUMBER] == 1 != first[TRIAL_NUMBER]
+    assert restored.suggest("t4")[TRIAL_NUMBER] == 2
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.trials) == 3  # no trial was asked twice or failed for being lost
