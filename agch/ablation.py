@@ -155,13 +155,14 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
     from agch.data import open_dataset
     from agch.paths import home
     from agch.tracking import Tracker, run_tags
-    from agch.train import protocol_of
+    from agch.train import describe_protocol, protocol_of
 
     tracker = Tracker(tracking_uri, experiment)
     with open_dataset(dataset) as data:
         plan = build_plan(spec, data.identity)
         first = next(iter(plan.cells.values())).config
         protocol = protocol_of(first, data)
+        say(f"every mAP below: mAP@{first.topk} / mAP@ALL, {describe_protocol(protocol)}")
         dataset_tags = {k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")}
     storage = (storage_dir or home() / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -347,10 +348,10 @@ def analyse(run: AblationRun) -> list[ComparisonResult]:
 
 def protocol_line(run: AblationRun) -> str:
     """What every mAP in the report means (protocol.md)."""
-    p = run.protocol
-    return (f"mAP@{run.topk} and mAP@ALL (Hamming ranking, relevance = >=1 shared label), {p['bits']} bits, "
-            f"{p['split']} split ({p['n_query']} queries vs {p['n_database']} database), dataset {p['dataset']} "
-            f"(synthetic parts: {p['synthetic']})")
+    from agch.train import describe_protocol
+
+    return (f"mAP@{run.topk} and mAP@ALL (Hamming ranking, relevance = >=1 shared label), "
+            f"{describe_protocol(run.protocol)}")
 
 
 def report_tables(run: AblationRun, results: list[ComparisonResult]) -> dict[str, str]:

@@ -199,13 +199,13 @@ def _open_tracker(uri: str | None, experiment: str, *, wait: bool = True) -> Any
 def _protocol(dataset: Path, space: SearchSpace) -> str:
     """Opens (so validates) the dataset and says what the objective's numbers will mean."""
     from agch.data import open_dataset
+    from agch.train import describe_protocol, protocol_of
 
     with open_dataset(dataset) as data:
-        bits = "searched bits" if "bits" in [p.name for p in space.parameters] else f"{space.base['bits']} bits"
-        synthetic = ",".join(sorted(data.synthetic)) or "none"
-        return (f"{' & '.join(describe_metric(m) for m in space.metrics)}, {bits}, "
-                f"{data.meta.get('split_protocol')} split ({len(data.split.query)} queries vs "
-                f"{len(data.split.retrieval)} database), dataset {data.name} (synthetic parts: {synthetic})")
+        protocol = protocol_of(cfg.from_flat(space.base), data)
+    if "bits" in [p.name for p in space.parameters]:
+        protocol["bits"] = "searched"
+    return f"{' & '.join(describe_metric(m) for m in space.metrics)}, {describe_protocol(protocol)}"
 
 
 def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | None = None,

@@ -94,6 +94,13 @@ def protocol_of(config: Config, data: Dataset) -> dict[str, Any]:
     }
 
 
+def describe_protocol(protocol: dict[str, Any]) -> str:
+    """'64 bits, standard split (2000 queries vs 18015 database), dataset NAME (synthetic parts: ...)'."""
+    p = protocol
+    return (f"{p['bits']} bits, {p['split']} split ({p['n_query']} queries vs {p['n_database']} database), "
+            f"dataset {p['dataset']} (synthetic parts: {p['synthetic']})")
+
+
 def _check_dimensions(state: dict[str, torch.Tensor], data: Dataset) -> None:
     """A checkpoint's input layers must fit the dataset's feature sizes (checked before loading it)."""
     image_key = "image.hidden.0.weight" if "image.hidden.0.weight" in state else "image.code.weight"

@@ -94,6 +94,7 @@ def first_ablation(tiny_file, store) -> str:
 def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ablation, tiny_file, store, tmp_path):
     out = first_ablation
     assert "mAP@50 and mAP@ALL" in out and "32 bits, standard split (100 queries vs 500 database)" in out
+    assert out.index("every mAP below: mAP@50 / mAP@ALL, 32 bits, standard split") < out.index("mAP@50 (mean of")
     parents = runs(store, "tags.`agch.kind` = 'ablation'")
     parent = parents[-1].info.run_id  # the oldest: the first ablation
     assert parents[-1].info.status == "FINISHED"

@@ -23,9 +23,10 @@ def test_run_is_logged_with_config_metrics_tags_and_codes(tiny_dataset, tmp_path
     uri = _store(tmp_path)
     code = main(["--data", str(tiny_dataset), *TINY_ARGS, "--fix", "alignment=on", "--seed", "3",
                  "--tracking-uri", uri, "--device", "cpu"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert code == 0
     assert "mAP@50: I->T" in out and "mAP@ALL" in out and "16 bits" in out and "standard split" in out
+    assert "mAP@50(mean) below = mean of I->T and T->I, 16 bits, standard split" in err  # before the progress bar
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("agch").experiment_id])
     assert run.info.status == "FINISHED"

@@ -21,10 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(metrics: dict[str, float], protocol: dict, k: int) -> str:
     """The headline figures with their full protocol (protocol.md)."""
-    where = (f"{protocol['bits']} bits, {protocol['split']} split ({protocol['n_query']} queries vs "
-             f"{protocol['n_database']} database), dataset {protocol['dataset']}, synthetic parts: {protocol['synthetic']}")
+    from agch.train import describe_protocol
+
     return (f"mAP@{k}: I->T {metrics[f'map{k}_i2t']:.4f}  T->I {metrics[f'map{k}_t2i']:.4f} | "
-            f"mAP@ALL: I->T {metrics['mapall_i2t']:.4f}  T->I {metrics['mapall_t2i']:.4f}  [{where}]")
+            f"mAP@ALL: I->T {metrics['mapall_i2t']:.4f}  T->I {metrics['mapall_t2i']:.4f}  "
+            f"[{describe_protocol(protocol)}]")
 
 
 def run(argv: list[str] | None) -> int:
@@ -33,7 +34,7 @@ def run(argv: list[str] | None) -> int:
     from agch.data import open_dataset
     from agch.tracking import Tracker, log_result, run_tags
     from agch.config import to_flat
-    from agch.train import resolve_device, train
+    from agch.train import describe_protocol, protocol_of, resolve_device, train
 
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
@@ -45,6 +46,8 @@ def run(argv: list[str] | None) -> int:
             name = args.run_name or f"{args.preset}-{config.bits}bit-seed{config.seed}"
             run_id = tracker.start_run(name, tags=run_tags(config, data))
             tracker.log_params(run_id, to_flat(config))
+        print(f"agch-train: mAP@{config.topk}(mean) below = mean of I->T and T->I, "
+              f"{describe_protocol(protocol_of(config, data))}", file=sys.stderr)
         bar = tqdm(total=config.epochs, desc="agch-train", unit="epoch", file=sys.stderr)
         last_map = "n/a"
 
