@@ -106,10 +106,6 @@ def _report(what: str, trials: int, runs, **extra) -> None:
     FAULT_REPORTS.append(f"[{what}] " + ", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
-def _wait_until(check, timeout: float, what: str) -> None:
-    services.wait_for(check, timeout, what)
-
-
 def test_search_and_ablation_land_in_postgres_and_use_both_nodes(cluster, tiny_dataset):
     import optuna
     import sqlalchemy
@@ -144,7 +140,7 @@ def test_killing_a_worker_node_mid_search_retries_its_trials(cluster, tiny_datas
                     wait=False)
         on_extra = lambda: [r.info.run_id for r in _children(_runs(cluster, "agch-search"), "cluster-s2")  # noqa: E731
                             if r.info.status == "RUNNING" and r.data.tags.get("ray.node_id") == extra.node_id]
-        _wait_until(on_extra, 240, "a trial running on the node to be killed")
+        services.wait_for(on_extra, 240, "a trial running on the node to be killed")
         doomed = on_extra()
         extra.stop(signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
@@ -169,7 +165,7 @@ def test_killing_the_driver_then_resume_reruns_nothing(cluster, tiny_dataset):
                 wait=False)
     finished = lambda: [r for r in _children(_runs(cluster, "agch-search"), "cluster-s3")  # noqa: E731
                         if r.info.status == "FINISHED"]
-    _wait_until(lambda: len(finished()) >= 1, 300, "a finished trial")
+    services.wait_for(lambda: len(finished()) >= 1, 300, "a finished trial")
     before = {r.info.run_id: r.info.end_time for r in finished()}
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
@@ -211,7 +207,7 @@ def test_mlflow_server_outage_loses_no_result(cluster, tiny_dataset, case):
     space = _space(cluster, name, trials=2, concurrency=2, scheduler={"name": "none", "epochs": 6})
     proc = _cli(cluster, "agch-search", "run", str(space), "--data", str(tiny_dataset), "--name", name,
                 wait=False, env=env)
-    _wait_until(lambda: len(_children(_runs(cluster, "agch-search"), name)) == 2, 240, "both trials running")
+    services.wait_for(lambda: len(_children(_runs(cluster, "agch-search"), name)) == 2, 240, "both trials running")
     cluster["mlflow"].stop(signal.SIGKILL)
     time.sleep(outage_s)  # the trials keep training into the outage
     restarted, _ = services.start_mlflow(f"{cluster['pg']}/mlflow", cluster["tmp"] / "artifacts",
