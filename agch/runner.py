@@ -492,14 +492,16 @@ class _TrialEvents(Callback):
             if run is not None and not last.get(FINAL) and run.info.status == "RUNNING":
                 end_trial_run(self.tracker, run.info.run_id, "stopped",
                               f"early-stopped by the scheduler after epoch {last.get('epoch', '?')}")
-            self._notify(self._run_of(trial))
+                run = self._run_of(trial)  # as now recorded
+            self._notify(run)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         with self._best_effort(trial):
             run = self._run_of(trial)
             if run is not None and run.info.status == "RUNNING":  # the trial's process died before it could say why
                 end_trial_run(self.tracker, run.info.run_id, "failed", _last_line(trial.error_file))
-            self._notify(self._run_of(trial))
+                run = self._run_of(trial)  # as now recorded
+            self._notify(run)
 
     @contextlib.contextmanager
     def _best_effort(self, trial: Any) -> Iterator[None]:
