@@ -272,10 +272,11 @@ def _check_split(path: Path, split: Split, n: int) -> Split:
         if np.any(np.diff(idx) <= 0):
             raise DatasetError(path, key, "indices not strictly increasing; expected sorted, unique row indices")
         parts[part] = idx.astype(np.int64)
-    shared = np.intersect1d(parts["query"], parts["retrieval"], assume_unique=True)
-    if len(shared):
-        raise DatasetError(path, "split/query", f"{len(shared)} rows (first {shared[0]}) are also in split/retrieval; "
-                                                "query and retrieval must be disjoint")
+    for other in ("retrieval", "train"):
+        shared = np.intersect1d(parts["query"], parts[other], assume_unique=True)
+        if len(shared):
+            raise DatasetError(path, "split/query", f"{len(shared)} rows (first {shared[0]}) are also in split/{other}; "
+                                                    f"query and {other} must be disjoint (a query must be unseen)")
     return Split(**parts)
 
 
@@ -373,8 +374,9 @@ def _is_sha256(value: Any) -> bool:
 
 
 def _is_source_file(entry: Any) -> bool:
-    return (isinstance(entry, dict) and set(entry) == {"path", "sha256", "key"} and _is_sha256(entry["sha256"])
-            and isinstance(entry["path"], str) and isinstance(entry["key"], str))
+    return (isinstance(entry, dict) and {"path", "sha256", "key"} <= set(entry) <= {"path", "sha256", "key", "transform"}
+            and _is_sha256(entry["sha256"]) and isinstance(entry["path"], str) and isinstance(entry["key"], str)
+            and isinstance(entry.get("transform", ""), str))
 
 
 _ATTRS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
@@ -383,7 +385,7 @@ _ATTRS: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "name": ("str", bool, "a non-empty string"),
     "created_by": ("str", lambda v: True, "a string"),
     "source_files": ("json", lambda v: isinstance(v, list) and all(map(_is_source_file, v)),
-                     'a JSON list of {"path", "sha256", "key"} objects'),
+                     'a JSON list of {"path", "sha256", "key"[, "transform"]} objects'),
     "feature_extractor": ("str", lambda v: True, "a string"),
     "synthetic": ("json", lambda v: isinstance(v, dict) and set(v) <= set(SYNTHETIC_PARTS)
                   and all(isinstance(d, str) for d in v.values()),

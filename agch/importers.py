@@ -182,10 +182,12 @@ def import_mat(files: Sequence[str | os.PathLike], out: str | os.PathLike, *, im
         else:
             parts = [_find_parts(mats, _three_keys(given, option))
                      for given, option in ((train_keys, "--train-keys"), (test_keys, "--test-keys"))]
+        parts = [_labels_as_column(part) for part in parts]
         for part in parts:
             _check_rows_agree(part)
         _check_widths_agree(parts)
         image, text, labels = (_StackedRows([part[role][2] for part in parts]) for role in range(3))
+        labels, labels_transform = class_ids_to_multi_hot(np.asarray(labels[:]), parts)
         n = image.shape[0]
         given = None
         if len(parts) == 2:
@@ -193,20 +195,20 @@ def import_mat(files: Sequence[str | os.PathLike], out: str | os.PathLike, *, im
             train = np.arange(n_tr)
             given = Split(query=np.arange(n_tr, n), retrieval=train, train=train)
         chosen = make_split(split, n, seed=split_seed, n_query=n_query, n_train=n_train, given=given)
-        used = [(mat, key) for part in parts for mat, key, _ in part]
-        digests = {mat.path: _sha256(mat.path) for mat, _ in used}
+        digests = {mat.path: _sha256(mat.path) for part in parts for mat, _, _ in part}
         image_mat, image_key_used = parts[0][0][:2]
         meta = {
             "name": name or _default_name([mat.path for mat in mats]),
-            "source_files": [{"path": str(mat.path.resolve()), "sha256": digests[mat.path], "key": key}
-                             for mat, key in used],
+            "source_files": [{"path": str(mat.path.resolve()), "sha256": digests[mat.path], "key": key,
+                              **({"transform": labels_transform} if labels_transform and role == "labels" else {})}
+                             for part in parts for role, (mat, key, _) in zip(ROLES, part)],
             "feature_extractor": feature_extractor or f"unspecified (key {image_key_used} of {image_mat.path.name})",
             "synthetic": {},
             "split_protocol": split,
             "split_seed": recorded_seed(split, split_seed),
         }
         try:
-            return write_dataset(out, image=image, text=text, labels=np.asarray(labels[:]), split=chosen, meta=meta)
+            return write_dataset(out, image=image, text=text, labels=labels, split=chosen, meta=meta)
         except DatasetError as err:
             if err.key not in ROLES:
                 raise
@@ -215,6 +217,42 @@ def import_mat(files: Sequence[str | os.PathLike], out: str | os.PathLike, *, im
             order = " (rows numbered train part first, then test part)" if len(parts) == 2 else ""
             raise DatasetError(", ".join(sorted({str(mat.path) for mat, _, _ in chosen_keys})),
                                "/".join(key for _, key, _ in chosen_keys), err.problem + order) from None
+
+
+def _labels_as_column(part: list[tuple[MatFile, str, RowSource]]) -> list[tuple[MatFile, str, RowSource]]:
+    """A 1 x N labels row vector (what scipy.io.savemat writes for a 1-D array) as the N x 1 column it means,
+    when N is the image key's row count."""
+    mat, key, rows = part[2]
+    if rows.shape[0] == 1 and rows.shape[1] == part[0][2].shape[0] > 1:
+        return [*part[:2], (mat, key, np.asarray(rows[:]).reshape(-1, 1))]
+    return part
+
+
+def class_ids_to_multi_hot(labels: np.ndarray, parts: Sequence[Sequence[tuple[MatFile, str, RowSource]]]
+                           ) -> tuple[np.ndarray, str | None]:
+    """N x 1 integer class ids (Wiki's L_tr) as one-hot rows, and the provenance line saying so.
+
+    Column j of the result is the j-th smallest class id present. Labels with more than one column are multi-hot
+    already and returned as they are (with None). Non-integer or negative ids raise DatasetError.
+    """
+    if labels.ndim != 2 or labels.shape[1] != 1:
+        return labels, None
+    where = ", ".join(sorted({str(part[2][0].path) for part in parts}))
+    key = "/".join(part[2][1] for part in parts)
+    ids = labels[:, 0]
+    integral = np.isfinite(ids) & (ids == np.round(ids)) if np.issubdtype(ids.dtype, np.floating) else \
+        np.ones(len(ids), dtype=bool)
+    if not (np.issubdtype(ids.dtype, np.number) and integral.all() and (ids >= 0).all()):
+        bad = int(np.argmax(~integral | (ids < 0))) if np.issubdtype(ids.dtype, np.number) else 0
+        raise DatasetError(where, key, f"one column of labels is read as class ids, but row {bad} holds "
+                                       f"{ids[bad].item()!r}; expected non-negative integer class ids")
+    classes, column = np.unique(ids.astype(np.int64), return_inverse=True)
+    one_hot = np.zeros((len(ids), len(classes)), dtype=np.uint8)
+    one_hot[np.arange(len(ids)), column] = 1
+    listed = f"{classes[0]}..{classes[-1]}" if np.array_equal(classes, np.arange(classes[0], classes[-1] + 1)) \
+        else ",".join(map(str, classes))
+    return one_hot, (f"class ids {listed} ({len(classes)} classes, one per item) one-hot encoded: column j is the "
+                     f"j-th smallest id")
 
 
 def _three_keys(keys: Sequence[str], option: str) -> list[str]:

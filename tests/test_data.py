@@ -175,7 +175,7 @@ CORRUPTIONS = {
     "source_files not JSON": (_set_attr("source_files", "[{"), "attribute source_files",
                               "found '[{'; expected a JSON list"),
     "source_files bad entry": (_set_attr("source_files", '[{"path": "a"}]'), "attribute source_files",
-                               '{"path", "sha256", "key"}'),
+                               '{"path", "sha256", "key"[, "transform"]}'),
     "synthetic unknown part": (_set_attr("synthetic", '{"audio": "x"}'), "attribute synthetic", "parts among"),
     "split protocol unknown": (_set_attr("split_protocol", "random"), "attribute split_protocol", "one of standard"),
     "split seed not int": (_set_attr("split_seed", "zero"), "attribute split_seed", "an integer"),
@@ -198,6 +198,14 @@ CORRUPTIONS = {
     "query 2-D": (_replace("split/query", np.zeros((2, 2), np.int64)), "split/query", "1-D int64"),
     "query in retrieval": (_replace("split/query", np.array([0, 1, 2])), "split/query", "must be disjoint"),
 }
+
+
+def test_query_rows_that_are_training_rows_are_refused(tmp_path):
+    # retrieval and query disjoint, but a query is also a training row: its test score would be on seen data
+    split = Split(np.arange(0, 10), np.arange(10, N), np.arange(5, 200))
+    with pytest.raises(DatasetError) as err:
+        _write(tmp_path / "q.h5", split=split)
+    assert err.value.key == "split/query" and "5 rows (first 5) are also in split/train" in str(err.value)
 
 
 @pytest.mark.parametrize("case", list(CORRUPTIONS))

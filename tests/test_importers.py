@@ -269,3 +269,54 @@ def test_real_labels_and_tags_import_with_small_image_file(tmp_path, capsys):
         assert ds.split.sizes() == {"query": 200, "retrieval": 19815, "train": 500}
         digests = {entry["key"]: entry["sha256"] for entry in ds.meta["source_files"]}
     assert digests["LAll"].startswith("173eec1f") and digests["YAll"].startswith("a53d2ba6")
+
+
+# ---- single-label class ids (Wiki's L_tr: N x 1 integers) ----
+
+def _class_parts(n: int = N) -> dict[str, np.ndarray]:
+    parts = _parts(n=n)
+    parts["LAll"] = (np.arange(n) % 4 + 1).astype(np.float64).reshape(-1, 1)  # MATLAB doubles 1..4
+    return parts
+
+
+@pytest.mark.parametrize("writer", ["v5 column", "v5 row vector", "v7.3 column"])
+def test_class_id_labels_are_one_hot_encoded_with_provenance(tmp_path, writer):
+    parts = _class_parts()
+    if writer == "v7.3 column":
+        files = [save_v73(tmp_path / "c.mat", parts)]
+    else:
+        stored = dict(parts, LAll=parts["LAll"].ravel()) if writer == "v5 row vector" else parts
+        scipy.io.savemat(tmp_path / "c.mat", stored)  # a 1-D array is saved as a 1 x N row vector
+        files = [tmp_path / "c.mat"]
+    out = _import(files, tmp_path / "o.h5")
+    with open_dataset(out) as ds:
+        assert ds.labels.shape == (N, 4) and np.array_equal(ds.labels.argmax(1), np.arange(N) % 4)
+        assert (ds.labels.sum(1) == 1).all()
+        entry = next(e for e in ds.meta["source_files"] if e["key"] == "LAll")
+    assert entry["transform"].startswith("class ids 1..4 (4 classes, one per item) one-hot encoded")
+
+
+def test_class_ids_must_be_non_negative_integers(tmp_path):
+    parts = _class_parts()
+    parts["LAll"][17, 0] = 2.5
+    scipy.io.savemat(tmp_path / "c.mat", parts)
+    with pytest.raises(DatasetError, match=r"\[LAll\]: one column of labels is read as class ids, but row 17 holds "
+                                           r"2\.5; expected non-negative integer class ids"):
+        _import([tmp_path / "c.mat"], tmp_path / "o.h5")
+    assert not (tmp_path / "o.h5").exists()
+
+
+WIKI = REAL / "wiki-train.mat"
+
+
+@pytest.mark.skipif(not WIKI.is_file(), reason=f"{WIKI} not here")
+def test_real_wiki_training_portion_imports_with_its_class_ids(tmp_path):
+    assert hashlib.sha256(WIKI.read_bytes()).hexdigest().startswith("b415dbce423c1177")
+    out = import_mat([WIKI], tmp_path / "wiki.h5", image_key="I_tr", text_key="T_tr", label_key="L_tr",
+                     split="standard", n_query=500, n_train=1673)
+    with open_dataset(out) as ds:
+        assert (ds.n, ds.image_dim, ds.text_dim, ds.n_labels) == (2173, 128, 10, 10)
+        assert ds.labels.sum(0).tolist() == [138, 272, 244, 248, 202, 178, 186, 144, 214, 347]
+        assert ds.split.sizes() == {"query": 500, "retrieval": 1673, "train": 1673}
+        image = ds.rows("image", np.arange(ds.n))
+        assert np.allclose(image.sum(1), 1, atol=1e-5)  # SIFT histograms, as the README beside the file says

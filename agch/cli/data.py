@@ -142,7 +142,8 @@ def format_summary(s: dict[str, Any]) -> list[str]:
     split, tags, shared, chance = s["split"], s["tags"], s["shared_label_rate"], s["random_ranking"]
     seed = f"seed {split['seed']}" if split["seed"] >= 0 else "not seeded"
     synthetic = "; ".join(f"{part}: {how}" for part, how in s["synthetic"].items()) or "none (all parts real)"
-    sources = [f"{f['path']} [{f['key']}] sha256 {f['sha256']}" for f in s["source_files"]] or ["none"]
+    sources = [f"{f['path']} [{f['key']}] sha256 {f['sha256']}" + (f"; {f['transform']}" if "transform" in f else "")
+               for f in s["source_files"]] or ["none"]
     lines = [
         f"dataset    {s['name']}  (identity {s['identity']})",
         f"file       {s['path']}",
