@@ -70,7 +70,13 @@ class Config:
     gamma_t: float = 0.3
     """γ_t, weight of the L2-normalised text feature."""
     gamma_weighting: str = "linear"
-    """how γ enters C: 'linear' = Σ_k γ_k cos_k (the paper's text), 'squared' = Z̃Z̃ᵀ (Eq. 10 literally, γ_k²)."""
+    """how γ enters C: 'linear' = Σ_k γ_k cos_k (the paper's text), 'squared' = Z̃Z̃ᵀ (Eq. 10 literally, γ_k²),
+    'cosine' = the cosine of the concatenation Z̃ = [γ_v Z̃^v, γ_t Z̃^t], i.e. Σ_k γ_k² cos_k / Σ_k γ_k², which keeps
+    C in [−1, 1] and S_ii = 1 (function `agch.similarity.cosine_and_distance`; docs/trainer.md, "range of S")."""
+    feature_norm: str = "none"
+    """what both modalities' features go through before S and the encoders: 'none' (the paper), 'center'
+    (subtract the training split's mean) or 'standardize' (and divide by its std); statistics of the training rows
+    only, carried in the model (`agch.model.FeatureNorm`) so test-time encoding applies the same map."""
     distance: str = "euclidean"
     """dist_ij in D: 'euclidean' = ‖Z̃_i − Z̃_j‖ (matches the paper's worked example S = 0.874), 'sqrt' =
     √‖Z̃_i − Z̃_j‖ (Eq. 12 as printed; the log's choice)."""
@@ -105,27 +111,35 @@ class Config:
     text_hidden: int = 4096
     """hidden units of the text MLP K → text_hidden → c; its hidden layer is f^t."""
     gcn_hidden: int = 2048
-    """width of both graph-convolution layers (input → gcn_hidden → gcn_hidden → FC → c)."""
+    """width of the graph-convolution layers (input → gcn_hidden → … → FC → c)."""
+    gcn_layers: int = 2
+    """graph-convolution layers per GCN module (the paper: 2; the log's open suggestion: vary the depth)."""
 
     # --- optimisation (Sec. IV-C)
+    optimizer: str = "sgd"
+    """'sgd' (the paper: SGD with momentum) or 'adam' (Adam; `momentum` unused, weight decay as L2 in the gradient)."""
     lr_image: float = 1e-4
-    """SGD learning rate of the image encoder."""
+    """learning rate of the image encoder."""
     lr_text: float = 1e-2
-    """SGD learning rate of the text encoder."""
+    """learning rate of the text encoder."""
     lr_gcn: float = 1e-3
-    """SGD learning rate of both GCN modules."""
+    """learning rate of both GCN modules."""
     lr_fusion: float = 1e-2
-    """SGD learning rate of the fusion layer."""
+    """learning rate of the fusion layer."""
     momentum: float = 0.9
     """SGD momentum."""
     weight_decay: float = 5e-4
-    """SGD weight decay."""
+    """weight decay of every parameter group."""
     bf16: bool = False
     """bf16 autocast for the forward pass on CUDA (ignored on CPU)."""
 
     # --- evaluation
     topk: int = 50
     """k of mAP@k (the paper's protocol: 50); mAP@ALL is always computed too."""
+    eval_split: str = "test"
+    """which queries score the run: 'test' (the dataset's queries against its retrieval set) or 'validation'
+    (queries carved from the retrieval rows, `agch.splits.validation_split`; they leave the training set when they
+    come from it). agch-search and agch-ablate use 'validation' unless told otherwise (--eval-split test)."""
 
     fixes: Fixes = field(default_factory=Fixes)
     """the debugging log's fixes."""
@@ -135,7 +149,10 @@ class Config:
 NON_SCIENTIFIC = frozenset({"eval_every"})
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "gamma_weighting": ("linear", "squared"),
+    "gamma_weighting": ("linear", "squared", "cosine"),
+    "feature_norm": ("none", "center", "standardize"),
+    "optimizer": ("sgd", "adam"),
+    "eval_split": ("test", "validation"),
     "distance": ("euclidean", "sqrt"),
     "gcn_adjacency": ("before", "after"),
     "loss_reduction": ("mean", "sum"),
@@ -248,6 +265,7 @@ def validate(config: Config, where: str = "") -> None:
     need(0.0 <= config.sim_mix <= 1.0, f"sim_mix must be in [0, 1], got {config.sim_mix}")
     need(config.image_hidden >= 0, f"image_hidden must be >= 0, got {config.image_hidden}")
     need(config.text_hidden >= 1 and config.gcn_hidden >= 1, "text_hidden and gcn_hidden must be >= 1")
+    need(1 <= config.gcn_layers <= 8, f"gcn_layers must be in [1, 8], got {config.gcn_layers}")
     need(0.0 <= config.momentum < 1.0, f"momentum must be in [0, 1), got {config.momentum}")
     for name in ("gamma_v", "gamma_t", "alpha", "beta", "lam", "delta", "align_weight", "quant_weight",
                  "balance_weight", "weight_decay"):

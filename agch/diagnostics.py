@@ -41,9 +41,17 @@ def code_statistics(codes_image: torch.Tensor, codes_text: torch.Tensor) -> dict
 
 @torch.no_grad()
 def model_probes(model: AGCH, zv: torch.Tensor, zt: torch.Tensor, config: Config) -> dict[str, float]:
-    """Relaxed code magnitude, GCN weight spread, and sign agreement of B^h with the GCN codes on one probe batch."""
+    """Relaxed code magnitude, GCN weight spread, and sign agreement of B^h with the GCN codes on one probe batch.
+
+    zv, zt are features as the model's forward takes them (normalised). The model runs in eval mode, so a probe
+    changes nothing (BatchNorm's running statistics stay as training left them) and how often it runs cannot
+    change a result.
+    """
     _, adjacency = batch_similarity(zv, zt, config)
+    was_training = model.training
+    model.eval()
     codes = model(zv, zt, adjacency)
+    model.train(was_training)
     weights = [p for n, p in model.named_parameters() if n.startswith("gcn_") and n.endswith("weight")]
     return {
         "code_abs_mean_image": float(codes.v.abs().mean()),

@@ -15,6 +15,29 @@ from agch.config import Config
 from agch.similarity import normalized_adjacency
 
 
+class FeatureNorm(nn.Module):
+    """x ↦ (x − shift) / scale per feature, with the training split's statistics (config.feature_norm).
+
+    The statistics are buffers, so a checkpoint carries them and test-time encoding applies the same map.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("shift", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, mode: str) -> None:
+        """Set the statistics from the training rows x (n, dim): 'none', 'center' or 'standardize'."""
+        if mode in ("center", "standardize"):
+            self.shift.copy_(x.mean(dim=0))
+        if mode == "standardize":
+            self.scale.copy_(x.std(dim=0).clamp_min(1e-6))  # a constant feature stays centred, not blown up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.shift) / self.scale
+
+
 class ImageEncoder(nn.Module):
     """fc7 features → (optional hidden layer) → c, tanh. f^v is the input (or the hidden layer when present)."""
 
@@ -64,17 +87,18 @@ class GraphConvolution(nn.Module):
 
 
 class GCNModule(nn.Module):
-    """Two graph convolutions + one FC: f → gcn_hidden → gcn_hidden → c, ReLU then tanh on the code."""
+    """`gcn_layers` graph convolutions (the paper: two) + one FC: f → gcn_hidden → … → c, ReLU then tanh."""
 
     def __init__(self, in_dim: int, config: Config):
         super().__init__()
-        self.gc1 = GraphConvolution(in_dim, config.gcn_hidden)
-        self.gc2 = GraphConvolution(config.gcn_hidden, config.gcn_hidden)
+        widths = [in_dim] + [config.gcn_hidden] * config.gcn_layers
+        self.layers = nn.ModuleList(GraphConvolution(a, b) for a, b in zip(widths, widths[1:]))
         self.code = nn.Linear(config.gcn_hidden, config.bits)
 
     def forward(self, f: torch.Tensor, adj_norm: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.gc1(f, adj_norm))
-        h = torch.relu(self.gc2(h, adj_norm))
+        h = f
+        for layer in self.layers:
+            h = torch.relu(layer(h, adj_norm))  # (m, gcn_hidden)
         return torch.tanh(self.code(h))  # (m, c)
 
 
@@ -90,10 +114,12 @@ class Codes:
 
 
 class AGCH(nn.Module):
-    """The full training-time model. `encode_image`/`encode_text` are the test-time hash functions."""
+    """The full training-time model. `forward` takes features already through `norm`; `encode` is the test-time
+    hash function and takes raw features."""
 
     def __init__(self, image_dim: int, text_dim: int, config: Config):
         super().__init__()
+        self.norm = nn.ModuleDict({"image": FeatureNorm(image_dim), "text": FeatureNorm(text_dim)})
         self.image = ImageEncoder(image_dim, config)
         self.text = TextEncoder(text_dim, config)
         self.fusion = nn.Linear(self.image.feature_dim + self.text.feature_dim, config.bits)
@@ -108,7 +134,7 @@ class AGCH(nn.Module):
         return Codes(v=bv, t=bt, h=bh, gv=self.gcn_image(fv, adj_norm), gt=self.gcn_text(ft, adj_norm))
 
     def parameter_groups(self, config: Config) -> list[dict]:
-        """SGD groups with the paper's per-module learning rates."""
+        """Optimizer groups with the per-module learning rates (the paper's by default)."""
         return [
             {"params": self.image.parameters(), "lr": config.lr_image},
             {"params": self.text.parameters(), "lr": config.lr_text},
@@ -118,6 +144,6 @@ class AGCH(nn.Module):
 
     @torch.no_grad()
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:
-        """Sign codes in {−1, +1} (int8) of one modality (Eq. 17). sign(0) is mapped to +1."""
-        _, b = (self.image if modality == "image" else self.text)(x)
+        """Sign codes in {−1, +1} (int8) of one modality's raw features (Eq. 17). sign(0) is mapped to +1."""
+        _, b = (self.image if modality == "image" else self.text)(self.norm[modality](x))
         return torch.where(b >= 0, 1, -1).to(torch.int8)

@@ -301,8 +301,9 @@ def start_ray(address: str | None = None, resources: dict[str, float] | None = N
         os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", EXPERIMENT_SAVE_PERIOD_S)
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # Trials on other nodes do not share the driver's environment: pass on MLflow's client settings
-        # (credentials, retries) and the tracking wait.
-        passed = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_") or k == TRACKING_WAIT_S}
+        # (credentials, retries), the tracking wait and the deterministic cuBLAS workspace.
+        passed = {k: v for k, v in os.environ.items()
+                  if k.startswith("MLFLOW_") or k in (TRACKING_WAIT_S, "CUBLAS_WORKSPACE_CONFIG")}
         options = {"log_to_driver": verbose, "logging_level": level,
                    **({"runtime_env": {"env_vars": passed}} if passed else {})}
         try:

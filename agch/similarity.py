@@ -11,8 +11,9 @@ from agch.config import Config
 def cosine_and_distance(zv: torch.Tensor, zt: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """C and D for a batch of raw features zv (m, d_v), zt (m, d_t).
 
-    Z̃ = [γ_v Z̃^v, γ_t Z̃^t] with per-sample L2-normalised modalities (Eq. 9). C is Σ_k γ_k cos_k ('linear') or
-    Z̃Z̃ᵀ = Σ_k γ_k² cos_k ('squared'); D = exp(−dist/ρ) with the Euclidean or square-root distance between rows of Z̃.
+    Z̃ = [γ_v Z̃^v, γ_t Z̃^t] with per-sample L2-normalised modalities (Eq. 9). C is Σ_k γ_k cos_k ('linear'),
+    Z̃Z̃ᵀ = Σ_k γ_k² cos_k ('squared') or the cosine of Z̃'s rows, Σ_k γ_k² cos_k / Σ_k γ_k² ('cosine', in [−1, 1]);
+    D = exp(−dist/ρ) with the Euclidean or square-root distance between rows of Z̃.
     """
     nv = F.normalize(zv.float(), dim=1)
     nt = F.normalize(zt.float(), dim=1)
@@ -21,6 +22,7 @@ def cosine_and_distance(zv: torch.Tensor, zt: torch.Tensor, config: Config) -> t
     gv, gt = config.gamma_v, config.gamma_t
     # ‖Z̃_i − Z̃_j‖² = Σ_k γ_k² (2 − 2 cos_k) for unit rows; clamp guards rounding below zero
     sq_dist = (gv**2 * (2 - 2 * cos_v) + gt**2 * (2 - 2 * cos_t)).clamp_min(0)
+    sq_dist.fill_diagonal_(0)  # an item's distance to itself is 0; rounding (~1e-7) would become ~1e-3 after sqrt
     dist = sq_dist.sqrt()
     if config.distance == "sqrt":
         dist = dist.sqrt()
@@ -28,6 +30,8 @@ def cosine_and_distance(zv: torch.Tensor, zt: torch.Tensor, config: Config) -> t
         c = gv * cos_v + gt * cos_t
     else:
         c = gv**2 * cos_v + gt**2 * cos_t
+        if config.gamma_weighting == "cosine":
+            c = c / (gv**2 + gt**2)
     d = torch.exp(-dist / config.rho)
     return c, d
 

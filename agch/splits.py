@@ -20,6 +20,12 @@ from agch.errors import UserError, unknown
 SPLIT_PROTOCOLS = ("standard", "ucch", "file-order", "given")
 SEEDED_PROTOCOLS = ("standard",)
 """Protocols that use the seed; the others record split_seed = -1."""
+EVAL_SPLITS = ("test", "validation")
+"""Which queries score a run: the dataset's own (test) queries, or validation queries carved from its other rows."""
+VALIDATION_SHARE = 0.2
+"""At most this share of the retrieval rows become validation queries (and no more than there are test queries)."""
+VALIDATION_SEED = 0
+"""The validation queries are the same for every run on a dataset: the seed is fixed, not the run's."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,39 @@ def make_split(protocol: str, n: int, *, seed: int = 0, n_query: int = 2000, n_t
     top = max((int(part.max()) for part in (given.query, given.retrieval, given.train) if len(part)), default=-1)
     _require(top < n, f"given split refers to row {top} but there are only n = {n} rows")
     return _split(given.query, given.retrieval, given.train)
+
+
+def validation_split(split: Split) -> Split:
+    """Validation queries carved from `split`, so that settings can be chosen without the test queries.
+
+    n = min(test queries, VALIDATION_SHARE of the retrieval rows) queries are drawn (seed VALIDATION_SEED) from the
+    retrieval rows outside the training set when there are that many (the standard split: the training pairs stay
+    untouched), else from all retrieval rows (ucch, given: train = retrieval, so those queries leave training).
+    Validation database = retrieval minus those queries; training = train minus them. The test queries are used
+    nowhere.
+
+    Example:
+        >>> s = validation_split(make_split("ucch", 100, n_query=10))
+        >>> len(s.query), len(s.retrieval), len(s.train)
+        (10, 80, 80)
+    """
+    n_val = min(len(split.query), int(VALIDATION_SHARE * len(split.retrieval)))
+    if n_val < 1:
+        raise UserError(f"a validation split needs at least 5 retrieval rows; this split has {len(split.retrieval)}")
+    outside = np.setdiff1d(split.retrieval, split.train, assume_unique=True)
+    pool = outside if len(outside) >= n_val else split.retrieval
+    query = np.sort(np.random.default_rng(VALIDATION_SEED).choice(pool, size=n_val, replace=False))
+    train = np.setdiff1d(split.train, query, assume_unique=True)
+    if len(train) < 2:
+        raise UserError(f"a validation split leaves {len(train)} training rows; need at least 2")
+    return _split(query, np.setdiff1d(split.retrieval, query, assume_unique=True), train)
+
+
+def evaluation_split(split: Split, eval_split: str) -> Split:
+    """The split a run trains and is scored on: `split` itself ('test') or its validation_split ('validation')."""
+    if eval_split not in EVAL_SPLITS:
+        raise unknown("evaluation split", eval_split, EVAL_SPLITS)
+    return split if eval_split == "test" else validation_split(split)
 
 
 def _split(query: np.ndarray, retrieval: np.ndarray, train: np.ndarray) -> Split:

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from agch import diagnostics
-from agch.config import Config, to_flat
+from agch.config import NON_SCIENTIFIC, Config, to_flat
 from agch.data import Dataset
 from agch.errors import UserError
 from agch.losses import agch_loss
 from agch.metrics import evaluate_hashing
 from agch.model import AGCH
 from agch.similarity import batch_similarity
+from agch.splits import Split, evaluation_split
 
 PROBE_SIZE = 256
 """Rows of the training set (a fixed sample, the same for every seed) used by the diagnostic probes."""
@@ -53,6 +54,8 @@ class TrainResult:
     seconds: float
     device: str
     collapsed: bool = False
+    deterministic: bool = True
+    """False when CUDA ran without a deterministic cuBLAS workspace (see _deterministic_cuda)."""
     reason: str | None = None
     failed_epoch: int | None = None
     codes: dict[str, np.ndarray] = field(default_factory=dict)
@@ -71,6 +74,30 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def make_optimizer(model: AGCH, config: Config) -> torch.optim.Optimizer:
+    """SGD with momentum (the paper) or Adam over the per-module learning-rate groups."""
+    groups = model.parameter_groups(config)
+    # fused: one kernel per step for all parameters instead of several memory-bound passes (CPU and CUDA)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr_fusion, weight_decay=config.weight_decay, fused=True)
+    return torch.optim.SGD(groups, lr=config.lr_fusion, momentum=config.momentum, weight_decay=config.weight_decay,
+                           fused=True)
+
+
+def _deterministic_cuda() -> bool:
+    """Ask for deterministic CUDA kernels; True when same-seed runs will give the same codes.
+
+    cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it creates its handle, at the process's first CUDA matmul. If the
+    variable was unset and CUDA was already in use, setting it now is too late: that run is not deterministic
+    (the agch commands set it at start-up, before any CUDA work; see agch.cli.common.run_main).
+    """
+    late = "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized()
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    return not late
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch before anything random happens; return the batch-order generator."""
     random.seed(seed)
@@ -81,13 +108,16 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def protocol_of(config: Config, data: Dataset) -> dict[str, Any]:
     """What every reported mAP means (protocol.md): logged beside every figure."""
+    split = evaluation_split(data.split, config.eval_split)
     return {
         "metrics": f"mAP@{config.topk} and mAP@ALL, Hamming ranking, relevance = >=1 shared label, ties by index",
         "directions": "i2t = image query -> text database, t2i = text query -> image database",
         "bits": config.bits,
         "split": data.meta.get("split_protocol"),
-        "n_query": len(data.split.query),
-        "n_database": len(data.split.retrieval),
+        "queries": config.eval_split,
+        "n_query": len(split.query),
+        "n_database": len(split.retrieval),
+        "n_train": len(split.train),
         "dataset": data.name,
         "dataset_identity": data.identity,
         "synthetic": ",".join(sorted(data.synthetic)) or "none",
@@ -95,25 +125,35 @@ def protocol_of(config: Config, data: Dataset) -> dict[str, Any]:
 
 
 def describe_protocol(protocol: dict[str, Any]) -> str:
-    """'64 bits, standard split (2000 queries vs 18015 database), dataset NAME (synthetic parts: ...)'."""
+    """'64 bits, standard split, test queries (2000 vs 18015 database), dataset NAME (synthetic parts: ...)'."""
     p = protocol
-    return (f"{p['bits']} bits, {p['split']} split ({p['n_query']} queries vs {p['n_database']} database), "
-            f"dataset {p['dataset']} (synthetic parts: {p['synthetic']})")
+    return (f"{p['bits']} bits, {p['split']} split, {p['queries']} queries ({p['n_query']} vs {p['n_database']} "
+            f"database), dataset {p['dataset']} (synthetic parts: {p['synthetic']})")
 
 
-def _check_dimensions(state: dict[str, torch.Tensor], data: Dataset) -> None:
-    """A checkpoint's input layers must fit the dataset's feature sizes (checked before loading it)."""
-    image_key = "image.hidden.0.weight" if "image.hidden.0.weight" in state else "image.code.weight"
-    for name, key, dim in (("image", image_key, data.image_dim), ("text", "text.hidden.weight", data.text_dim)):
-        expected = state[key].shape[1]
+def _check_checkpoint(checkpoint: dict[str, Any], config: Config, data: Dataset) -> None:
+    """A checkpoint must come from the same settings (NON_SCIENTIFIC fields aside) and fit the dataset's feature
+    sizes; both are checked before anything is loaded."""
+    saved = checkpoint.get("config")
+    if saved is None:
+        raise UserError("checkpoint has no config; it cannot be checked against this run's settings")
+    current = {k: v for k, v in to_flat(config).items() if k not in NON_SCIENTIFIC}
+    differing = sorted(k for k in current if str(saved.get(k)) != str(current[k]))
+    if differing:
+        shown = ", ".join(f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in differing[:6])
+        raise UserError(f"checkpoint was made with other settings ({shown}); resume with the same config")
+    state = checkpoint["model"]
+    for modality, dim in (("image", data.image_dim), ("text", data.text_dim)):
+        expected = state[f"norm.{modality}.shift"].shape[0]
         if expected != dim:
-            raise UserError(f"checkpoint expects {name} features of dimension {expected}, "
+            raise UserError(f"checkpoint expects {modality} features of dimension {expected}, "
                             f"but dataset {data.path} has {dim}")
 
 
 @torch.no_grad()
 def encode_split(model: AGCH, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sign codes of the query and retrieval sets, both modalities, encoded in bounded chunks."""
+    """Sign codes of the query and retrieval sets, both modalities, encoded in bounded chunks (fp32 arithmetic on
+    the stored values, exactly what training saw)."""
     model.eval()
     codes = {}
     for key, feats in cache.items():
@@ -126,9 +166,15 @@ def encode_split(model: AGCH, cache: dict[str, torch.Tensor]) -> dict[str, torch
 
 def evaluate(model: AGCH, cache: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], config: Config,
              split_protocol: str) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, torch.Tensor]]:
-    """mAP@k / mAP@ALL both directions, precision@k and PR curves, and the code statistics."""
+    """Encode the query and retrieval sets, then score_codes."""
     codes = encode_split(model, cache)
-    k = config.topk
+    return (*score_codes(codes, labels, config.topk, split_protocol), codes)
+
+
+def score_codes(codes: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], k: int,
+                split_protocol: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """mAP@k / mAP@ALL both directions, precision@k and PR curves, and the code statistics of sign codes keyed
+    query_image, query_text, retrieval_image, retrieval_text (any method's: AGCH's or a reference's)."""
     metrics: dict[str, float] = {}
     curves: dict[str, np.ndarray] = {}
     directions = {"i2t": ("query_image", "retrieval_text"), "t2i": ("query_text", "retrieval_image")}
@@ -146,7 +192,7 @@ def evaluate(model: AGCH, cache: dict[str, torch.Tensor], labels: dict[str, torc
     for stat in (f"map{k}", "mapall"):
         metrics[f"{stat}_mean"] = (metrics[f"{stat}_i2t"] + metrics[f"{stat}_t2i"]) / 2
     metrics.update(diagnostics.code_statistics(codes["retrieval_image"], codes["retrieval_text"]))
-    return metrics, curves, codes
+    return metrics, curves
 
 
 def _other_modality(key: str) -> str:
@@ -155,10 +201,11 @@ def _other_modality(key: str) -> str:
     return f"{stem}_{'text' if modality == 'image' else 'image'}"
 
 
-def _to_device(data: Dataset, idx: np.ndarray, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Both modalities' rows `idx`, read in bounded chunks and moved to the device once."""
+def _to_device(data: Dataset, idx: np.ndarray, device: torch.device,
+               dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """Both modalities' rows `idx`, read in bounded chunks and moved to the device once, as dtypes[modality]."""
     out = {}
-    for modality in ("image", "text"):
+    for modality, dtype in dtypes.items():
         parts = [torch.from_numpy(block).to(device=device, dtype=dtype) for _, block in data.iter_rows(modality, idx)]
         out[modality] = torch.cat(parts)
     return out
@@ -187,33 +234,35 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
     """
     started = time.perf_counter()
     dev = resolve_device(device)
-    if dev.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
+    deterministic = _deterministic_cuda() if dev.type == "cuda" else True
     generator = seed_everything(config.seed)
-    split = data.split
+    split = evaluation_split(data.split, config.eval_split)
     if len(split.train) < 2:
         raise UserError(f"dataset {data.path}: the training split has {len(split.train)} rows; need at least 2")
 
-    # ---- data on the device once: training rows in fp32, evaluation rows in fp16 (bounded memory)
-    train_x = _to_device(data, split.train, dev, torch.float32)
+    # ---- data on the device once: training rows in fp32; evaluation rows in their stored dtype (fp16 image and
+    # uint8 tag features stay compact at NUS-WIDE size and lose nothing: widening them to fp32 is exact)
+    train_x = _to_device(data, split.train, dev, {m: torch.float32 for m in ("image", "text")})
+    stored = {m: torch.from_numpy(np.zeros(0, data.stored_dtype(m))).dtype for m in ("image", "text")}
     cache = {f"{stem}_{m}": t for stem, idx in (("query", split.query), ("retrieval", split.retrieval))
-             for m, t in _to_device(data, idx, dev, torch.float16).items()}
+             for m, t in _to_device(data, idx, dev, stored).items()}
     labels = {stem: torch.from_numpy(data.labels[idx]).to(dev) for stem, idx in
               (("query", split.query), ("retrieval", split.retrieval))}
+
+    # ---- model and optimiser; the features go through the model's normalisation (training statistics) once
+    model = AGCH(data.image_dim, data.text_dim, config).to(dev)
+    for modality in ("image", "text"):
+        model.norm[modality].fit(train_x[modality], config.feature_norm)
+        train_x[modality] = model.norm[modality](train_x[modality])
+    optimizer = make_optimizer(model, config)
     probe_idx = np.sort(np.random.default_rng(0).permutation(len(split.train))[:PROBE_SIZE])
     probe_t = torch.from_numpy(probe_idx).to(dev)
     probe = {"zv": train_x["image"][probe_t], "zt": train_x["text"][probe_t],
              "labels": torch.from_numpy(data.labels[split.train[probe_idx]]).to(dev)}
     s_stats = diagnostics.similarity_vs_labels(probe["zv"], probe["zt"], probe["labels"], config)
-
-    # ---- model and optimiser
-    model = AGCH(data.image_dim, data.text_dim, config).to(dev)
-    # fused: one kernel per step for all parameters instead of several memory-bound passes (CPU and CUDA)
-    optimizer = torch.optim.SGD(model.parameter_groups(config), lr=config.lr_fusion, momentum=config.momentum,
-                                weight_decay=config.weight_decay, fused=True)
     first_epoch = 1
     if resume is not None:
-        _check_dimensions(resume["model"], data)
+        _check_checkpoint(resume, config, data)
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         generator.set_state(resume["generator"])
@@ -240,7 +289,8 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
         final = dict(metrics, collapsed=float(collapsed))
         return TrainResult(status=status, metrics=final, protocol=protocol, epochs_run=epochs_run,
                            seconds=time.perf_counter() - started, device=str(dev), collapsed=collapsed,
-                           codes=_codes_with_labels(codes, data), curves=curves, history=history, **extra)
+                           deterministic=deterministic,
+                           codes=_codes_with_labels(codes, data, split), curves=curves, history=history, **extra)
 
     model.train()
     epoch = first_epoch - 1
@@ -292,12 +342,12 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
     return finish("finished", epoch)
 
 
-def _codes_with_labels(codes: dict[str, torch.Tensor], data: Dataset) -> dict[str, np.ndarray]:
+def _codes_with_labels(codes: dict[str, torch.Tensor], data: Dataset, split: Split) -> dict[str, np.ndarray]:
     """Final sign codes (int8 ±1) with their labels and dataset row indices, ready to re-evaluate elsewhere."""
     if not codes:
         return {}
     out = {f"codes_{k}": v.cpu().numpy() for k, v in codes.items()}
-    for stem, idx in (("query", data.split.query), ("retrieval", data.split.retrieval)):
+    for stem, idx in (("query", split.query), ("retrieval", split.retrieval)):
         out[f"labels_{stem}"] = data.labels[idx]
         out[f"index_{stem}"] = idx
     return out

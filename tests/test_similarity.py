@@ -58,6 +58,20 @@ def test_gamma_weighting_linear_vs_squared():
     torch.testing.assert_close(c_sq, zz @ zz.T)
 
 
+def test_gamma_weighting_cosine_is_the_cosine_of_the_concatenation_and_keeps_s_in_range():
+    torch.manual_seed(1)
+    zv, zt = torch.randn(8, 10), torch.randn(8, 4)  # signed features (e.g. standardised): cosines of both signs
+    config = apply(Config(), {"gamma_v": 2.0, "gamma_t": 0.3, "gamma_weighting": "cosine"})
+    c, _ = cosine_and_distance(zv, zt, config)
+    zz = torch.cat([2.0 * torch.nn.functional.normalize(zv, dim=1), 0.3 * torch.nn.functional.normalize(zt, dim=1)], 1)
+    unit = torch.nn.functional.normalize(zz, dim=1)
+    torch.testing.assert_close(c, unit @ unit.T)
+    s, _ = batch_similarity(zv, zt, config)
+    assert float(s.max()) <= 1 + 1e-6 and torch.allclose(s.diagonal(), torch.ones(8))  # S_ii = 1 = B_i . B_i
+    linear, _ = batch_similarity(zv, zt, apply(config, {"gamma_weighting": "linear"}))
+    assert float(linear.diagonal()[0]) == pytest.approx(2 * (2.0 + 0.3) - 1)  # the out-of-range target: 3.6
+
+
 def test_similarity_fix_switches_product_and_weighted_sum():
     torch.manual_seed(1)
     zv, zt = torch.rand(5, 8), torch.rand(5, 3)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from agch.errors import UserError
-from agch.splits import SPLIT_PROTOCOLS, Split, make_split, recorded_seed
+from agch.splits import SPLIT_PROTOCOLS, Split, evaluation_split, make_split, recorded_seed, validation_split
 
 
 def _check_sorted_int64(split: Split) -> None:
@@ -99,3 +99,31 @@ def test_file_order_too_small():
 
 def test_recorded_seed_only_for_seeded_protocols():
     assert [recorded_seed(p, 4) for p in SPLIT_PROTOCOLS] == [4, -1, -1, -1]
+
+
+@pytest.mark.parametrize("protocol", ["standard", "ucch", "file-order"])
+def test_validation_split_never_touches_the_test_queries(protocol):
+    split = make_split(protocol, 1000, seed=3, n_query=100, n_train=300)
+    val = validation_split(split)
+    _check_sorted_int64(val)
+    assert len(val.query) == min(len(split.query), len(split.retrieval) // 5)
+    assert np.all(np.isin(val.query, split.retrieval)) and not np.isin(val.query, split.query).any()
+    assert not np.isin(val.retrieval, split.query).any() and not np.isin(val.train, split.query).any()
+    assert not np.isin(val.query, val.retrieval).any() and not np.isin(val.query, val.train).any()
+    assert np.array_equal(val.retrieval, np.setdiff1d(split.retrieval, val.query))
+    assert val == validation_split(split)  # the same for every run: the seed is fixed
+    assert evaluation_split(split, "test") == split and evaluation_split(split, "validation") == val
+
+
+def test_validation_queries_leave_the_training_set_alone_when_the_database_has_other_rows():
+    split = make_split("standard", 1000, seed=3, n_query=100, n_train=300)  # 600 retrieval rows outside training
+    val = validation_split(split)
+    assert np.array_equal(val.train, split.train) and not np.isin(val.query, split.train).any()
+    given = make_split("ucch", 1000, n_query=100)  # train = retrieval: the queries must come out of training
+    val = validation_split(given)
+    assert len(val.train) == len(given.train) - len(val.query) and np.array_equal(val.train, val.retrieval)
+
+
+def test_validation_split_of_a_too_small_split_is_a_user_error():
+    with pytest.raises(UserError, match="at least 5 retrieval rows"):
+        validation_split(Split(np.array([0]), np.array([1, 2, 3]), np.array([1, 2, 3])))

@@ -81,6 +81,102 @@ def test_non_finite_loss_fails_the_run_with_its_epoch(tiny_dataset, tiny_config)
     assert result.failed_epoch is not None and f"epoch {result.failed_epoch}" in result.reason
 
 
+def test_eval_every_does_not_change_the_result(tiny_dataset, tiny_config):
+    # eval_every is not part of a run's identity, so it must not change what is computed: the probes must not
+    # touch BatchNorm's running statistics (text_input adds BatchNorm to the text encoder)
+    config = cfg.apply(tiny_config, {"fixes.text_input": True, "epochs": 4})
+    every = _train(tiny_dataset, cfg.apply(config, {"eval_every": 1}))
+    once = _train(tiny_dataset, cfg.apply(config, {"eval_every": 4}))
+    for key in every.codes:
+        np.testing.assert_array_equal(every.codes[key], once.codes[key])
+    assert every.metrics["map50_i2t"] == once.metrics["map50_i2t"]
+
+
+def _fine_grained_dataset(path):
+    """float32 features whose information sits below fp16's resolution (1 + noise of 1e-4): a copy in fp16 is
+    constant, the stored fp32 values are not."""
+    from agch.data import write_dataset
+    from agch.splits import make_split
+
+    rng = np.random.default_rng(0)
+    labels = np.eye(4, dtype=np.uint8)[rng.integers(0, 4, 400)]
+    image = (1 + 1e-4 * (labels @ rng.standard_normal((4, 16)) + 0.3 * rng.standard_normal((400, 16)))).astype(
+        np.float32)
+    text = (labels @ rng.random((4, 8)) + 0.1 * rng.random((400, 8))).astype(np.float32)
+    meta = {"name": "fine", "source_files": [], "feature_extractor": "test", "synthetic": {"image": "test"},
+            "split_protocol": "standard", "split_seed": 0}
+    return write_dataset(path, image=image, text=text, labels=labels,
+                         split=make_split("standard", 400, n_query=50, n_train=300), meta=meta)
+
+
+def test_evaluation_encodes_the_stored_values_training_saw(tmp_path, tiny_config):
+    path = _fine_grained_dataset(tmp_path / "fine.h5")
+    config = cfg.apply(tiny_config, {"feature_norm": "standardize", "epochs": 2})
+    saved = {}
+    result = _train(path, config, callback=lambda r: saved.update(state=r.state()))
+    from agch.model import AGCH
+
+    with open_dataset(path) as data:
+        model = AGCH(data.image_dim, data.text_dim, config)
+        model.load_state_dict(saved["state"]["model"])
+        model.eval()
+        query = torch.from_numpy(data.rows("image", data.split.query))
+    np.testing.assert_array_equal(result.codes["codes_query_image"], model.encode("image", query).numpy())
+    assert len(np.unique(result.codes["codes_query_image"], axis=0)) > 1  # an fp16 copy would give one code
+
+
+def test_feature_norm_uses_training_statistics_and_travels_with_the_model(tiny_dataset, tiny_config):
+    saved = {}
+    _train(tiny_dataset, cfg.apply(tiny_config, {"feature_norm": "standardize", "epochs": 1}),
+           callback=lambda r: saved.update(state=r.state()))
+    state = saved["state"]["model"]
+    with open_dataset(tiny_dataset) as data:
+        train_text, text_dim = data.rows("text", data.split.train), data.text_dim
+    torch.testing.assert_close(state["norm.text.shift"], torch.from_numpy(train_text.mean(0)))
+    torch.testing.assert_close(state["norm.text.scale"], torch.from_numpy(train_text.std(0, ddof=1)).clamp_min(1e-6))
+    centred = {}
+    _train(tiny_dataset, cfg.apply(tiny_config, {"feature_norm": "center", "epochs": 1}),
+           callback=lambda r: centred.update(state=r.state()))
+    assert torch.equal(centred["state"]["model"]["norm.text.scale"], torch.ones(text_dim))
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_dataset, tiny_config):
+    saved = {}
+    _train(tiny_dataset, tiny_config, callback=lambda r: saved.setdefault("state", r.state()))
+    with pytest.raises(UserError, match=r"other settings \(delta: checkpoint 0.01, now 0.5\)"):
+        _train(tiny_dataset, cfg.apply(tiny_config, {"delta": 0.5}), resume=saved["state"])
+    # eval_every is not scientific: resuming with another value is fine
+    _train(tiny_dataset, cfg.apply(tiny_config, {"eval_every": 1}), resume=saved["state"])
+
+
+def test_resume_with_batchnorm_and_adam_matches_uninterrupted_run(tiny_dataset, tiny_config):
+    config = cfg.apply(tiny_config, {"fixes.text_input": True, "optimizer": "adam", "lr_image": 1e-3,
+                                     "lr_text": 1e-3, "lr_gcn": 1e-3, "lr_fusion": 1e-3})
+    saved = {}
+    full = _train(tiny_dataset, config, callback=lambda r: saved.update(state=r.state()) if r.epoch == 2 else None)
+    resumed = _train(tiny_dataset, config, resume=saved["state"])
+    for key in full.codes:
+        np.testing.assert_array_equal(full.codes[key], resumed.codes[key])
+
+
+def test_gcn_depth_is_the_number_of_graph_convolutions(tiny_dataset, tiny_config):
+    from agch.model import GCNModule
+
+    for layers in (1, 3):
+        module = GCNModule(32, cfg.apply(tiny_config, {"gcn_layers": layers}))
+        assert len(module.layers) == layers
+    assert _train(tiny_dataset, cfg.apply(tiny_config, {"gcn_layers": 1, "epochs": 1})).status == "finished"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: same-seed CUDA runs are checked on a GPU")
+def test_same_seed_cuda_runs_give_the_same_codes(tiny_dataset, tiny_config):
+    with open_dataset(tiny_dataset) as data:
+        a, b = (train(tiny_config, data, device="cuda") for _ in range(2))
+    assert a.deterministic and b.deterministic
+    for key in a.codes:
+        np.testing.assert_array_equal(a.codes[key], b.codes[key])
+
+
 def test_dimension_mismatch_between_checkpoint_and_data(tiny_dataset, tiny_config, tmp_path):
     from agch.synth import build_synthetic_dataset
 
