@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
 import torch
 
-from agch.config import preset
+from agch.baselines import cca_itq
+from agch.config import apply, preset
 from agch.data import Dataset, open_dataset
 from agch.diagnostics import similarity_vs_labels
-from agch.metrics import evaluate_hashing, map_at_k, random_ranking_map, relevance
+from agch.metrics import map_at_k, random_ranking_map, relevance
 from agch.synth import DEFAULT_IMAGE_SIGNAL, build_synthetic_dataset
 
 PUBLISHED_16_BITS = {  # AGCH Table II, MIRFlickr-25K (real VGG features), mAP@50, 16 bits
@@ -35,86 +35,13 @@ PUBLISHED_16_BITS = {  # AGCH Table II, MIRFlickr-25K (real VGG features), mAP@5
 }
 
 
-def ridge_covariance(x: np.ndarray, ridge: float) -> np.ndarray:
-    """x'x / n plus `ridge` times the mean variance on the diagonal (x centred)."""
-    cov = x.T @ x / len(x)
-    cov[np.diag_indices_from(cov)] += ridge * np.trace(cov) / len(cov)
-    return cov
-
-
-def cca(x: np.ndarray, y: np.ndarray, dim: int, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ridge CCA of centred x (n, dx), y (n, dy): projections (dx, dim), (dy, dim) and the canonical correlations.
-
-    Whitening by Cholesky factors (C = L L') gives the same canonical directions as C^-1/2 at a fraction of the
-    cost of an eigendecomposition of the 4096 x 4096 image covariance; the top singular pairs of the whitened
-    cross-covariance M come from the eigenvectors of M'M (dy x dy).
-    """
-    lx = scipy.linalg.cholesky(ridge_covariance(x, ridge), lower=True)
-    ly = scipy.linalg.cholesky(ridge_covariance(y, ridge), lower=True)
-    cross = x.T @ y / len(x)  # (dx, dy)
-    whitened = scipy.linalg.solve_triangular(ly, scipy.linalg.solve_triangular(lx, cross, lower=True).T,
-                                             lower=True).T  # Lx^-1 Cxy Ly^-T, (dx, dy)
-    squared, v = scipy.linalg.eigh(whitened.T @ whitened, subset_by_index=[whitened.shape[1] - dim,
-                                                                             whitened.shape[1] - 1])
-    squared, v = squared[::-1], v[:, ::-1]  # descending
-    corr = np.sqrt(np.maximum(squared, 0.0))
-    u = whitened @ v / np.maximum(corr, 1e-12)
-    wx = scipy.linalg.solve_triangular(lx.T, u, lower=False)
-    wy = scipy.linalg.solve_triangular(ly.T, v, lower=False)
-    return wx, wy, corr
-
-
-def choose_ridge(x: np.ndarray, y: np.ndarray, dim: int, candidates: list[float]) -> float:
-    """The ridge with the highest mean held-out canonical correlation (fit on the first 80% of the pairs,
-    correlate the projections of the rest): label-free, as an unsupervised baseline must be."""
-    cut = 4 * len(x) // 5
-    held_out = {}
-    for ridge in candidates:
-        mean_x, mean_y = x[:cut].mean(axis=0), y[:cut].mean(axis=0)
-        wx, wy, _ = cca(x[:cut] - mean_x, y[:cut] - mean_y, dim, ridge)
-        px, py = (x[cut:] - mean_x) @ wx, (y[cut:] - mean_y) @ wy
-        held_out[ridge] = float(np.mean([np.corrcoef(px[:, i], py[:, i])[0, 1] for i in range(dim)]))
-    return max(held_out, key=held_out.get)
-
-
-def itq_rotation(v: np.ndarray, iterations: int, seed: int) -> np.ndarray:
-    """ITQ (Gong & Lazebnik): the orthogonal R minimising ||sign(vR) - vR||, alternating codes and Procrustes."""
-    rng = np.random.default_rng(seed)
-    rotation = np.linalg.qr(rng.standard_normal((v.shape[1], v.shape[1])))[0]
-    for _ in range(iterations):
-        codes = np.where(v @ rotation >= 0, 1.0, -1.0)
-        u, _, wt = np.linalg.svd(v.T @ codes)
-        rotation = u @ wt
-    return rotation
-
-
-def features(ds: Dataset, modality: str, rows: np.ndarray) -> np.ndarray:
-    """float64 rows of one modality (float64: the covariances of 4096-d float16 features)."""
-    return ds.rows(modality, rows).astype(np.float64)
-
-
-def cca_itq_scores(ds: Dataset, bits: int, ridges: list[float], itq_iterations: int, seed: int) -> dict[str, float]:
-    """Fit CCA (ridge chosen among `ridges`) + ITQ on the split's train pairs; mAP of query vs retrieval in both
-    directions, the chosen ridge and the top canonical correlation."""
-    split = ds.split
-    x_train, y_train = features(ds, "image", split.train), features(ds, "text", split.train)
-    ridge = choose_ridge(x_train, y_train, bits, ridges) if len(ridges) > 1 else ridges[0]
-    mean_x, mean_y = x_train.mean(axis=0), y_train.mean(axis=0)
-    wx, wy, corr = cca(x_train - mean_x, y_train - mean_y, bits, ridge)
-    rotation = itq_rotation(np.vstack([(x_train - mean_x) @ wx, (y_train - mean_y) @ wy]), itq_iterations, seed)
-
-    def codes(modality: str, rows: np.ndarray) -> torch.Tensor:
-        mean, w = (mean_x, wx) if modality == "image" else (mean_y, wy)
-        return torch.from_numpy(np.where((features(ds, modality, rows) - mean) @ w @ rotation >= 0, 1, -1))
-
-    labels = {part: torch.from_numpy(ds.labels[getattr(split, part)]) for part in ("query", "retrieval")}
-    out = {"ridge": ridge, "top canonical corr": float(corr[0])}
-    for direction, (query_modality, db_modality) in {"I->T": ("image", "text"), "T->I": ("text", "image")}.items():
-        result = evaluate_hashing(codes(query_modality, split.query), codes(db_modality, split.retrieval),
-                                  labels["query"], labels["retrieval"], ks=(50, None), precision_ks=(),
-                                  pr_curve=False)
-        out[f"{direction} mAP@50"], out[f"{direction} mAP@ALL"] = result.map["map@50"], result.map["map@all"]
-    return out
+def cca_itq_scores(ds: Dataset, bits: int, seed: int) -> dict[str, float]:
+    """agch.baselines.cca_itq on the split's train pairs: mAP of query vs retrieval in both directions, the chosen
+    ridge and the top canonical correlation."""
+    metrics = cca_itq(apply(preset("paper"), {"bits": bits, "seed": seed}), ds).metrics
+    return {"ridge": metrics["cca_ridge"], "top canonical corr": metrics["cca_top_corr"],
+            **{f"{d} mAP@{k}": metrics[f"map{k.lower() if k == 'ALL' else k}_{key}"]
+               for d, key in (("I->T", "i2t"), ("T->I", "t2i")) for k in ("50", "ALL")}}
 
 
 def cosine_scores(ds: Dataset, modality: str) -> dict[str, float]:
@@ -140,7 +67,7 @@ def similarity_scores(ds: Dataset, batch: int = 1024) -> dict[str, float]:
 
 def report(title: str, ds: Dataset, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
-    scores = cca_itq_scores(ds, args.bits, args.ridges, args.itq_iterations, args.seed)
+    scores = cca_itq_scores(ds, args.bits, args.seed)
     image, s = cosine_scores(ds, "image"), similarity_scores(ds)
     print(f"{title}: CCA+ITQ {args.bits} bits  I->T mAP@50 {scores['I->T mAP@50']:.3f}  "
           f"T->I mAP@50 {scores['T->I mAP@50']:.3f}  I->T mAP@ALL {scores['I->T mAP@ALL']:.3f}  "
@@ -168,10 +95,6 @@ def main() -> None:
     parser.add_argument("--signals", type=float, nargs="*", default=[0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
                         help="image signal levels of the real-labels stand-in (none: only the fully synthetic set)")
     parser.add_argument("--bits", type=int, default=16)
-    parser.add_argument("--ridges", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0],
-                        help="CCA ridge candidates, times the mean feature variance; the one with the best held-out "
-                             "canonical correlation on the train pairs is used (one value: used as is)")
-    parser.add_argument("--itq-iterations", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0, help="generator seed (split seed is 0) and ITQ init seed")
     parser.add_argument("--skip-fully-synthetic", action="store_true")
     args = parser.parse_args()

@@ -13,6 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agch-train", description="Train AGCH once and log it to MLflow.",
         epilog="example: agch-train --preset paper --set delta=1.0 --fix alignment=on --seed 1")
     add_common_options(parser)
+    parser.add_argument("--method", choices=("agch", "cca-itq"), default="agch",
+                        help="agch (default), or the CCA+ITQ reference scored the same way (uses only bits, seed, "
+                             "topk and eval_split of the config)")
     parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
     parser.add_argument("--run-name", default=None, help="MLflow run name (default: preset-bits-seed)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (print only)")
@@ -32,7 +35,7 @@ def run(argv: list[str] | None) -> int:
     from tqdm import tqdm
 
     from agch.data import open_dataset
-    from agch.tracking import Tracker, log_result, run_tags
+    from agch.tracking import Tracker, run_tags
     from agch.config import to_flat
     from agch.train import describe_protocol, protocol_of, resolve_device, train
 
@@ -43,11 +46,17 @@ def run(argv: list[str] | None) -> int:
         tracker = None if args.no_tracking else Tracker(args.tracking_uri, args.experiment)
         run_id = None
         if tracker is not None:
-            name = args.run_name or f"{args.preset}-{config.bits}bit-seed{config.seed}"
-            run_id = tracker.start_run(name, tags=run_tags(config, data))
+            label = args.preset if args.method == "agch" else args.method
+            name = args.run_name or f"{label}-{config.bits}bit-seed{config.seed}"
+            run_id = tracker.start_run(name, tags={**run_tags(config, data), "agch.method": args.method})
             tracker.log_params(run_id, to_flat(config))
         print(f"agch-train: mAP@{config.topk}(mean) below = mean of I->T and T->I, "
               f"{describe_protocol(protocol_of(config, data))}", file=sys.stderr)
+        if args.method == "cca-itq":
+            from agch.baselines import cca_itq
+
+            result = cca_itq(config, data)
+            return _report(result, config, tracker, run_id, args.experiment)
         bar = tqdm(total=config.epochs, desc="agch-train", unit="epoch", file=sys.stderr)
         last_map = "n/a"
 
@@ -70,9 +79,16 @@ def run(argv: list[str] | None) -> int:
                 tracker.end_run(run_id, "KILLED")
             raise
         bar.close()
-        if tracker is not None:
-            log_result(tracker, run_id, config, result)
-            tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
+        return _report(result, config, tracker, run_id, args.experiment)
+
+
+def _report(result, config, tracker, run_id: str | None, experiment: str) -> int:
+    """Record the result (when tracking), print the headline figures with their protocol; the exit status."""
+    from agch.tracking import log_result
+
+    if tracker is not None:
+        log_result(tracker, run_id, config, result)
+        tracker.end_run(run_id, "FINISHED" if result.status == "finished" else "FAILED")
     if result.status != "finished":
         print(f"agch-train: run failed: {result.reason}", file=sys.stderr)
     if result.metrics.get(f"map{config.topk}_i2t") is not None:
@@ -80,7 +96,7 @@ def run(argv: list[str] | None) -> int:
     if result.collapsed:
         print("agch-train: warning: codes collapsed (fewer than 5% unique codes)", file=sys.stderr)
     if tracker is not None:
-        print(f"logged to MLflow run {run_id} at {tracker.uri} (experiment {args.experiment})")
+        print(f"logged to MLflow run {run_id} at {tracker.uri} (experiment {experiment})")
     return 0 if result.status == "finished" else 1
 
 
