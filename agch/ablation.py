@@ -117,6 +117,8 @@ class AblationRun:
     experiment: str
     protocol: dict[str, Any]
     records: list[TrialRecord]
+    references: dict[str, float] = field(default_factory=dict)
+    """random ranking and CCA+ITQ on the same queries and bits (agch.baselines.reference_scores)."""
 
     @property
     def interrupted(self) -> bool:
@@ -152,6 +154,7 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
     Returns:
         AblationRun; `analyse` turns it into the paired comparisons, `publish` records the report.
     """
+    from agch.baselines import describe_references, reference_scores
     from agch.data import open_dataset
     from agch.paths import home
     from agch.tracking import Tracker, run_tags
@@ -163,6 +166,8 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
         first = next(iter(plan.cells.values())).config
         protocol = protocol_of(first, data)
         say(f"every mAP below: mAP@{first.topk} / mAP@ALL, {describe_protocol(protocol)}")
+        references = reference_scores(first, data)
+        say(f"references on the same queries: {describe_references(references, first.topk)}")
         dataset_tags = {k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")}
     storage = (storage_dir or home() / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -172,6 +177,7 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
         tracker.client.update_run(parent, status="RUNNING")
     else:
         parent = start_parent(tracker, plan, dataset_tags)
+        tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
     groups_file = storage / f"ablation-{parent}.json"
     groups: list[dict[str, Any]] = json.loads(groups_file.read_text()) if groups_file.exists() else []
     runner = GroupRunner(plan, dataset, tracker.uri, experiment, parent, device, storage,
@@ -203,7 +209,7 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
     final = recorded_runs(tracker, plan.dataset_identity)
     records = [record_of(t, final.get(t.identity, []), runner.outcomes.get(t.identity), parent,
                          t.identity in before, rerun) for t in plan.trials()]
-    return AblationRun(plan, parent, tracker.uri, experiment, protocol, records)
+    return AblationRun(plan, parent, tracker.uri, experiment, protocol, records, references)
 
 
 @dataclass
@@ -356,6 +362,7 @@ def protocol_line(run: AblationRun) -> str:
 
 def report_tables(run: AblationRun, results: list[ComparisonResult]) -> dict[str, str]:
     """The report as console text, markdown and CSV (comparisons and trials)."""
+    from agch.baselines import describe_references
     from agch.stats import CONFIDENCE, csv_text, interval, markdown_table, p_text, text_table
 
     labels = map_metrics(run.topk)
@@ -382,10 +389,12 @@ def report_tables(run: AblationRun, results: list[ComparisonResult]) -> dict[str
     short = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
     trial_md = [[short(v) for v in row] for row in trial_rows]
     notes = report_notes(run)
-    console = "\n\n".join([f"protocol: {protocol_line(run)}", text_table(head, rows),
+    references = (f"references on the same queries ({p['bits']} bits): "
+                  f"{describe_references(run.references, run.topk)}" if run.references else "")
+    console = "\n\n".join([f"protocol: {protocol_line(run)}", references, text_table(head, rows),
                            "code diagnostics per arm (mean ± std over seeds):\n" + text_table(diag_head, diag_rows),
                            "\n".join(notes)])
-    markdown = "\n\n".join([f"# Ablation {run.plan.spec.name}", f"Protocol: {protocol_line(run)}.",
+    markdown = "\n\n".join([f"# Ablation {run.plan.spec.name}", f"Protocol: {protocol_line(run)}.", references,
                             markdown_table(head, rows), "## Code diagnostics per arm",
                             markdown_table(diag_head, diag_rows), "## Notes", "\n".join(f"- {n}" for n in notes),
                             "## Trials", markdown_table(trial_head, trial_md)])

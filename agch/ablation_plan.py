@@ -350,7 +350,8 @@ def build_plan(spec: AblationSpec, dataset_identity: str) -> Plan:
         return key
 
     for design in spec.designs:
-        base = cfg.apply(cfg.preset(design.preset), spec.overrides, where=f"ablation {spec.name}: overrides")
+        base = cfg.apply(cfg.preset(design.preset), {**cfg.SELECTION_DEFAULTS, **spec.overrides},
+                         where=f"ablation {spec.name}: overrides")
         sides: dict[str, tuple[list[str], list[str]]] = {}
         for fix, on, off in design_cells(design, base, spec.fixes):
             on_ids, off_ids = sides.setdefault(fix, ([], []))

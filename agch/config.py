@@ -145,6 +145,10 @@ class Config:
     """the debugging log's fixes."""
 
 
+SELECTION_DEFAULTS: dict[str, Any] = {"eval_split": "validation"}
+"""What agch-search and agch-ablate runs use unless the space, ablation file or command line says otherwise: they
+choose settings, so they score on validation queries, never on the test queries (docs/trainer.md)."""
+
 # Fields that do not change what is computed, only where or how it is observed. Left out of the identity.
 NON_SCIENTIFIC = frozenset({"eval_every"})
 

@@ -141,7 +141,12 @@ class SearchReport:
     best_config: Path | None
     """a YAML file `agch-train --config` accepts, for the best trial."""
     protocol: str
-    """what the objective's numbers are (metric, bits, split, dataset)."""
+    """what the objective's numbers are (metric, bits, split, queries, dataset)."""
+    references: dict
+    """random ranking and CCA+ITQ on the trials' queries (agch.baselines.reference_scores)."""
+    test: dict | None
+    """the best settings' test-query metrics (trained once more, scored once), or None."""
+    test_protocol: str | None
     tracking_uri: str
     experiment: str
     parent_run_id: str
@@ -196,16 +201,23 @@ def _open_tracker(uri: str | None, experiment: str, *, wait: bool = True) -> Any
                         f"{str(err).splitlines()[0]}") from None
 
 
-def _protocol(dataset: Path, space: SearchSpace) -> str:
-    """Opens (so validates) the dataset and says what the objective's numbers will mean."""
+def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, dict[str, float]]:
+    """Opens (so validates) the dataset; what the objective's numbers will mean, and the reference scores (random
+    ranking, CCA+ITQ at the base bits) on the same queries."""
+    from agch.baselines import reference_scores
     from agch.data import open_dataset
     from agch.train import describe_protocol, protocol_of
 
+    base = cfg.from_flat(space.base)
     with open_dataset(dataset) as data:
-        protocol = protocol_of(cfg.from_flat(space.base), data)
+        protocol = protocol_of(base, data)
+        references = reference_scores(base, data)
     if "bits" in [p.name for p in space.parameters]:
-        protocol["bits"] = "searched"
-    return f"{' & '.join(describe_metric(m) for m in space.metrics)}, {describe_protocol(protocol)}"
+        protocol["bits"] = f"searched (references at {base.bits})"
+    described = f"{' & '.join(describe_metric(m) for m in space.metrics)}, {describe_protocol(protocol)}"
+    if base.eval_split == "test":
+        described += " -- settings chosen on the test queries: the best score is optimistic"
+    return described, references
 
 
 def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | None = None,
@@ -237,7 +249,7 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
           f"the Optuna storage {redact(storage_url)} already holds a study named {name}")
     need(space.gpus > 0 or not device.startswith("cuda"), "--device", "cuda needs resources.gpus > 0")
     dataset = Path(space.dataset) if space.dataset else default_dataset()
-    protocol = _protocol(dataset, space)
+    protocol, references = _protocol(dataset, space)
     start_ray(ray_address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
 
     parent = tracker.start_run(name, tags={"agch.kind": "search", "agch.group": name, "optuna.study": name,
@@ -249,10 +261,12 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
         "reduction_factor": space.reduction_factor, "trials": space.trials, "seeds": space.seeds,
         "concurrency": space.concurrency, "cpus": space.cpus, "gpus": space.gpus, "time_budget_s": space.time_budget_s,
         "objective": ",".join(space.metrics), "mode": space.mode, "dataset": str(dataset)})
+    tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
     ctx = RunContext(dataset=str(dataset), tracking_uri=tracker.uri, experiment=experiment, parent_run_id=parent,
                      device=device, base=space.base, group=name)
     state = {"name": name, "space": dataclasses.asdict(space), "context": dataclasses.asdict(ctx),
-             "storage_url": storage_url, "ray_address": ray_address, "protocol": protocol, "finished": False}
+             "storage_url": storage_url, "ray_address": ray_address, "protocol": protocol, "references": references,
+             "finished": False}
     folder.mkdir(parents=True)
     _save_state(state)
     tracker.log_files(parent, {Path(space.source).name: space.text,
@@ -306,7 +320,7 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
         sampler=make_sampler(space), study_name=state["name"], storage=open_storage(state["storage_url"]),
         seeds=space.seeds)
     if listener is not None:
-        listener.on_start(state["name"], space, state["protocol"])
+        listener.on_start(state["name"], space, state["protocol"], state["references"])
     interrupted, found = False, None
     with outage_hint(ctx.tracking_uri, f"agch-search resume {state['name']}"):
         try:
@@ -353,11 +367,17 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
                 "tune_trial_ids": ids, "run_ids": [o.run_id for o in trials if o.trial_id in ids],
                 "pareto_front": [t.number for t in front], "protocol": state["protocol"]}
         best_config = searches_root() / name / "best_config.yaml"
-        config_yaml = {"preset": space.preset, **cfg.to_flat(trial_config(ctx, chosen.params))}
+        # the chosen settings, trained and scored as the final test run is: on the test queries
+        config_yaml = {"preset": space.preset, **cfg.to_flat(trial_config(ctx, chosen.params)), "eval_split": "test"}
         files.update({"best_trial.json": json.dumps(best, indent=2, default=str), "best_config.yaml": config_yaml})
+    if found is not None and best is not None and not interrupted and space.base["eval_split"] == "validation":
+        state["test"], state["test_protocol"] = _test_best(state, chosen.params)
+        interrupted = state["test"] is None and state["test_protocol"] is None
     report = SearchReport(name=name, interrupted=interrupted, outcomes=trials, best=best, best_config=best_config,
-                          protocol=state["protocol"], tracking_uri=ctx.tracking_uri, experiment=ctx.experiment,
-                          parent_run_id=ctx.parent_run_id, storage_url=redact(state["storage_url"]), notes=notes)
+                          protocol=state["protocol"], references=state["references"], test=state.get("test"),
+                          test_protocol=state.get("test_protocol"), tracking_uri=ctx.tracking_uri,
+                          experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
+                          storage_url=redact(state["storage_url"]), notes=notes)
     if found is None:
         return report
     if best is not None:
@@ -378,6 +398,46 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
     state["finished"] = not interrupted
     _save_state(state)
     return report
+
+
+def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:
+    """Train the chosen settings once more on the whole training split (every seed of the search) and score them
+    on the test queries: the search's one look at them. Logged on the parent run as test_* metrics.
+
+    Returns (mean test metrics, their protocol); (None, None) when interrupted (a resume runs it again; a finished
+    test run is not retrained), (None, reason) when it failed.
+    """
+    from ray import tune
+
+    from agch.runner import SEED_OFFSET, RunContext, run_trials
+
+    space, ctx = _space_from_state(state), RunContext(**state["context"])
+    test_ctx = dataclasses.replace(ctx, base={**ctx.base, "eval_split": "test"}, group=f"{ctx.group}.test")
+    seeds = {SEED_OFFSET: tune.grid_search(list(range(space.seeds)))} if space.seeds > 1 else {}
+    folder = searches_root() / state["name"]
+    found = run_trials(test_ctx, param_space={**params, **seeds}, metric="epoch", mode="max",
+                       resources={"cpu": space.cpus, "gpu": space.gpus}, max_concurrent=space.concurrency,
+                       storage_dir=folder, name="test", ray_address=state["ray_address"],
+                       resume=(folder / "test").is_dir())
+    if any(o.status == "interrupted" for o in found) or len(found) < space.seeds:
+        return None, None
+    if any(o.status != "finished" for o in found):
+        return None, "; ".join(f"test run failed: {o.reason}" for o in found if o.status != "finished")
+    keys = sorted(set.intersection(*(set(o.metrics) for o in found)))
+    means = {key: float(np.mean([o.metrics[key] for o in found])) for key in keys}
+    tracker = _open_tracker(ctx.tracking_uri, ctx.experiment)
+    tracker.log_metrics(ctx.parent_run_id, {f"test_{k}": v for k, v in means.items() if k.startswith("map")},
+                        step=0)
+    from agch.data import open_dataset
+    from agch.train import describe_protocol, protocol_of
+
+    with open_dataset(ctx.dataset) as data:
+        config = cfg.apply(cfg.from_flat(test_ctx.base), {k: v for k, v in params.items()})
+        protocol = (f"{describe_protocol(protocol_of(config, data))}, mean of {len(found)} seed(s), trained on "
+                    "the whole training split")
+    tracker.set_tags(ctx.parent_run_id, {"agch.test_protocol": protocol,
+                                         "agch.test_runs": ",".join(o.run_id for o in found)})
+    return means, protocol
 
 
 def _plots(study: Any, space: SearchSpace, names: list[str]) -> tuple[dict[str, bytes], list[str]]:

@@ -251,7 +251,8 @@ def load_space(arg: str, *, overrides: dict[str, Any] | None = None, preset: str
     fixed = doc.get("fixed") or {}
     need(isinstance(fixed, dict), where("fixed"), "must be a mapping of config keys")
     need("epochs" not in fixed, where("fixed", "epochs"), "the budget in epochs is scheduler.epochs")
-    base = cfg.apply(cfg.preset(preset_name), {"eval_every": 1, **fixed}, where=where("fixed"))
+    base = cfg.apply(cfg.preset(preset_name), {"eval_every": 1, **cfg.SELECTION_DEFAULTS, **fixed},
+                     where=where("fixed"))
     base = cfg.apply(base, overrides or {}, where="command line")
 
     specs = doc.get("parameters")

@@ -93,11 +93,13 @@ def first_ablation(tiny_file, store) -> str:
 
 def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ablation, tiny_file, store, tmp_path):
     out = first_ablation
-    assert "mAP@50 and mAP@ALL" in out and "32 bits, standard split (100 queries vs 500 database)" in out
+    assert "mAP@50 and mAP@ALL" in out and "32 bits, standard split, validation queries (100 vs 400 database)" in out
+    assert "references on the same queries (32 bits): random ranking mAP@50" in out
     assert out.index("every mAP below: mAP@50 / mAP@ALL, 32 bits, standard split") < out.index("mAP@50 (mean of")
     parents = runs(store, "tags.`agch.kind` = 'ablation'")
     parent = parents[-1].info.run_id  # the oldest: the first ablation
     assert parents[-1].info.status == "FINISHED"
+    assert {"reference_random_map50", "reference_cca_itq_mapall_t2i"} <= set(parents[-1].data.metrics)
     table = list(csv.DictReader(io.StringIO(parent_artifact(store, parent, "comparisons.csv", tmp_path))))
     rows = {(r["fix"], r["metric"]): r for r in table}
     broken = rows[("quantization", "mAP@50 I->T")]
@@ -116,6 +118,7 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     for child in children:  # the broken arm's codes collapse: the runner closes those runs FAILED, tagged collapsed
         collapsed = child.data.tags["agch.collapsed"] == "True"
         assert child.info.status == ("FAILED" if collapsed else "FINISHED") and set(child.data.params) == keys
+        assert child.data.params["eval_split"] == "validation"  # an ablation compares settings: off the test queries
         assert collapsed == (child.data.params["fixes.quantization"] == "True")
         config = cfg.from_flat(child.data.params)
         assert cfg.identity(config, dataset=plan.dataset_identity) == child.data.tags["agch.identity"]

@@ -115,3 +115,14 @@ def test_nan_run_is_marked_failed_with_epoch_and_keeps_what_was_logged(tiny_data
 def test_unreachable_tracking_server_fails_before_training(tiny_dataset, capsys):
     assert main(["--data", str(tiny_dataset), "--tracking-uri", "http://127.0.0.1:9"]) == 2
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_eval_split_option_is_the_set_it_stands_for_and_checks_its_value(capsys):
+    from agch.cli.common import config_from_args
+    from agch.cli.train import build_parser
+
+    args = build_parser().parse_args(["--eval-split", "validation"])
+    assert config_from_args(args).eval_split == "validation"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--eval-split", "queries"])
+    assert "must be one of test, validation, got 'queries'" in capsys.readouterr().err

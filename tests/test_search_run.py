@@ -72,6 +72,14 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     parent = parent_of(tracker, "e2e")
     assert len(runs) == 6 and len({r.data.tags["agch.trial_id"] for r in runs}) == 6
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    # trials are scored on validation queries; the chosen settings once on the test queries, in a run of their own
+    assert {r.data.params["eval_split"] for r in runs} == {"validation"}
+    test_runs = tracker.group_runs("e2e.test")
+    assert len(test_runs) == 1 and test_runs[0].data.params["eval_split"] == "test"
+    assert parent.data.metrics["test_map50_i2t"] == pytest.approx(test_runs[0].data.metrics["map50_i2t"])
+    assert "test queries (100 vs 500 database)" in parent.data.tags["agch.test_protocol"]
+    assert "validation queries (100 vs 400 database)" in out and "test queries, scored once for these settings" in out
+    assert {"reference_random_map50", "reference_cca_itq_mapall_i2t"} <= set(parent.data.metrics)
     assert len({frozenset(r.data.params) for r in runs}) == 1  # the same param names in every trial
     assert parent.data.params["sampler"] == "tpe" and parent.data.params["epochs"] == "3"
 
@@ -100,7 +108,7 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     trained = config_from_args(train_parser().parse_args(["--config", str(best_yaml)]))
     assert trained.delta == pytest.approx(best.params["delta"])
     assert trained.gamma_v == pytest.approx(best.params["gamma_v"])
-    assert trained.bits == 16 and trained.epochs == 3 and trained.fixes.text_input
+    assert trained.bits == 16 and trained.epochs == 3 and trained.fixes.text_input and trained.eval_split == "test"
 
 
 def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: Path, tmp_path: Path) -> None:

@@ -31,11 +31,22 @@ def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "p
                         help="override one config key, e.g. --set delta=1.0 (repeatable)")
     parser.add_argument("--fix", dest="fixes", action="append", default=[], metavar="NAME=on|off",
                         help=f"switch a debugging-log fix: {', '.join(cfg.FIX_ALIASES)} (repeatable)")
+    parser.add_argument("--eval-split", dest="overrides", action="append", type=_eval_split, metavar="test|validation",
+                        help="which queries score runs: the dataset's test queries (agch-train's default) or "
+                             "validation queries carved from its other rows (agch-search's and agch-ablate's "
+                             "default); the same as --set eval_split=...")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
                         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
                              "$AGCH_HOME, default ./.agch)")
+
+
+def _eval_split(value: str) -> str:
+    """--eval-split X as the --set item it stands for."""
+    if value not in cfg.CHOICES["eval_split"]:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(cfg.CHOICES['eval_split'])}, got {value!r}")
+    return f"eval_split={value}"
 
 
 def parse_pairs(items: Sequence[str], option: str) -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -71,12 +72,18 @@ class LiveTable:
         self.rows: dict[str, dict[str, Any]] = {}
         self.drawn, self.last_draw = 0, 0.0
 
-    def on_start(self, name: str, space: Any, protocol: str) -> None:
+    def on_start(self, name: str, space: Any, protocol: str, references: dict[str, float]) -> None:
+        from agch.baselines import describe_references
+
         self.metric, self.mode, self.names = space.metrics[0], space.mode, [p.name for p in space.parameters]
         print(f"search {name}: {space.trials} trials x {space.seeds} seed(s), sampler {space.sampler} "
               f"(seed {space.sampler_seed}), scheduler {space.scheduler}, up to {space.epochs} epochs each, "
               f"{space.concurrency} at a time", file=self.out)
-        print(f"objective ({space.mode}): {space.metrics[0]} = {protocol}", file=self.out, flush=True)
+        print(f"objective ({space.mode}): {space.metrics[0]} = {protocol}", file=self.out)
+        if references:
+            k = space.base["topk"]
+            print(f"references on the same queries: {describe_references(references, k)}", file=self.out)
+        print(file=self.out, flush=True)
 
     def on_result(self, trial_id: str, params: dict, result: dict) -> None:
         row = self.rows.setdefault(trial_id, {"state": "running", "params": params, "epoch": 0, "value": None})
@@ -139,6 +146,14 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
         print(f"best trial: {', '.join(report.best['tune_trial_ids'])} ({values}; {report.protocol})", file=out)
         print("  params: " + ", ".join(f"{k}={_short(v)}" for k, v in report.best["params"].items()), file=out)
         print(f"  config for agch-train: agch-train --config {report.best_config}", file=out)
+        if report.test is not None:
+            t = report.test
+            k = next(m.group(1) for key in t if (m := re.fullmatch(r"map(\d+)_i2t", key)))
+            print(f"  test queries, scored once for these settings: mAP@{k} I->T {t[f'map{k}_i2t']:.4f} "
+                  f"T->I {t[f'map{k}_t2i']:.4f} | mAP@ALL I->T {t['mapall_i2t']:.4f} T->I {t['mapall_t2i']:.4f} "
+                  f"({report.test_protocol})", file=out)
+        elif report.test_protocol:
+            print(f"  test queries: {report.test_protocol}", file=out)
     else:
         print("no trial finished yet", file=out)
     print(f"MLflow: parent run {report.parent_run_id} in experiment '{report.experiment}' at {report.tracking_uri}",
