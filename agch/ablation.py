@@ -14,7 +14,7 @@ from typing import Any
 
 from agch import config as cfg
 from agch.ablation_plan import (DEFAULT_SEEDS, AblationSpec, Comparison, Plan, Trial, build_plan, trial_identity,
-                                trial_resources, with_fixes)
+                                trial_resources, with_settings)
 
 
 # ---------------------------------------------------------------- tracking: reuse and resume
@@ -62,29 +62,31 @@ def interrupted_parent(tracker: Any, plan_identity: str) -> str | None:
 
 
 def tune_groups(plan: Plan, pending: list[Trial], prefix: str) -> list[dict[str, Any]]:
-    """Pending trials as Ray Tune grids: one per distinct (base without fixes, seeds), grid = fix settings × seeds.
+    """Pending trials as Ray Tune grids: one per distinct (base without the switched keys and fixes, seeds),
+    grid = the cells' settings of those keys × seeds.
 
-    A grid is a cross product, so cells whose non-fix settings differ (e.g. the paper and debug-log bases) or that
+    A grid is a cross product, so cells whose other settings differ (e.g. the paper and debug-log bases) or that
     miss different seeds go to separate groups. Each group's name is its Tune experiment and its agch.group tag.
     """
+    switched = {f.key for f in plan.spec.factors} | {f"fixes.{name}" for name in cfg.FIX_NAMES}
     seeds_of: dict[str, list[int]] = {}
     for trial in pending:
         seeds_of.setdefault(trial.cell, []).append(trial.seed)
     groups: dict[str, dict[str, Any]] = {}
     for cell, seeds in seeds_of.items():
         flat = cfg.to_flat(plan.cells[cell].config)
-        rest = {k: v for k, v in flat.items() if not k.startswith("fixes.")}
+        rest = {k: v for k, v in flat.items() if k not in switched}
         key = json.dumps([rest, sorted(seeds)], sort_keys=True, default=str)
-        group = groups.setdefault(key, {"base": flat, "fixes": [], "seeds": sorted(seeds)})
-        group["fixes"].append({f: flat[f"fixes.{f}"] for f in cfg.FIX_NAMES})
+        group = groups.setdefault(key, {"base": flat, "settings": [], "seeds": sorted(seeds)})
+        group["settings"].append({k: flat[k] for k in sorted(switched)})
     return [dict(g, name=f"{prefix}-{i}") for i, g in enumerate(groups.values())]
 
 
 def group_identities(group: dict[str, Any], dataset_identity: str) -> set[str]:
     """The trial identities a Tune group trains (as its trials will build their configs)."""
     base = cfg.from_flat(group["base"])
-    return {trial_identity(with_fixes(base, fixes), seed, dataset_identity)
-            for fixes in group["fixes"] for seed in group["seeds"]}
+    return {trial_identity(with_settings(base, settings), seed, dataset_identity)
+            for settings in group.get("settings", []) for seed in group["seeds"]}
 
 
 # ---------------------------------------------------------------- the driver
@@ -233,13 +235,13 @@ class GroupRunner:
         """Run (or restore) one grid; False when it ended early (interrupted)."""
         from ray import tune
 
-        from agch.runner import RunContext, run_trials
+        from agch.runner import SETTINGS, RunContext, run_trials
 
         ctx = RunContext(dataset=str(self.dataset), tracking_uri=self.tracking_uri, experiment=self.experiment,
                          parent_run_id=self.parent, device=self.device, base=group["base"], group=group["name"])
         base = cfg.from_flat(group["base"])
         identity_of = lambda params: trial_identity(  # noqa: E731
-            with_fixes(base, params["fixes"]), params["seed"], self.plan.dataset_identity)
+            with_settings(base, params[SETTINGS]), params["seed"], self.plan.dataset_identity)
         by_identity = {t.identity: t for t in self.plan.trials()}
 
         def name(params: dict[str, Any]) -> tuple[str, int] | None:
@@ -255,8 +257,8 @@ class GroupRunner:
                 label, seed = name(outcome.params)
                 self.say(f"  {label} seed {seed}: {outcome.status}: {outcome.reason}")
 
-        size = len(group["fixes"]) * len(group["seeds"])
-        found = run_trials(ctx, param_space={"fixes": tune.grid_search(group["fixes"]),
+        size = len(group["settings"]) * len(group["seeds"])
+        found = run_trials(ctx, param_space={SETTINGS: tune.grid_search(group["settings"]),
                                              "seed": tune.grid_search(group["seeds"])},
                            # Nothing is ranked (a grid, no scheduler); 'epoch' is the one key every report has.
                            metric="epoch", mode="max", resources=self.resources,
@@ -291,7 +293,7 @@ def start_parent(tracker: Any, plan: Plan, dataset_tags: dict[str, str]) -> str:
         "agch.kind": "ablation", "agch.group": spec.name, "agch.plan": plan.identity, **dataset_tags})
     tracker.log_params(parent, {
         "designs": ", ".join(f"{d.kind} ({d.preset})" for d in spec.designs),
-        "fixes": ", ".join(spec.fixes), "seeds": ", ".join(map(str, spec.seeds)),
+        "factors": ", ".join(f.describe() for f in spec.factors), "seeds": ", ".join(map(str, spec.seeds)),
         "n_cells": len(plan.cells), "n_trials": len(plan.trials()),
         **{f"override.{k}": v for k, v in spec.overrides.items()}})
     cells = {c.label: {"identity": c.identity, **cfg.to_flat(c.config)} for c in plan.cells.values()}
@@ -375,9 +377,9 @@ def report_tables(run: AblationRun, results: list[ComparisonResult]) -> dict[str
     diag_rows = [[r.comparison.name, arm, *(r.diagnostics[k][i].text(3) for k in DIAGNOSTICS)]
                  for r in results for i, arm in enumerate(("on", "off"))]
     p = run.protocol
-    csv_head = ["comparison", "fix", "design", "metric", "bits", "split", "dataset", "synthetic", "n", "on_mean",
+    csv_head = ["comparison", "factor", "design", "metric", "bits", "split", "dataset", "synthetic", "n", "on_mean",
                 "on_std", "off_mean", "off_std", "diff_mean", "ci_low", "ci_high", "p_t", "p_wilcoxon", "verdict"]
-    csv_rows = [[r.comparison.name, r.comparison.fix, r.comparison.design, labels[k], p["bits"], p["split"],
+    csv_rows = [[r.comparison.name, r.comparison.factor, r.comparison.design, labels[k], p["bits"], p["split"],
                  p["dataset"], p["synthetic"], m.n, m.on.mean, m.on.std, m.off.mean, m.off.std, m.diff_mean,
                  m.ci_low, m.ci_high, m.p_t, m.p_wilcoxon, m.verdict] for r in results for k, m in r.maps.items()]
     keys = [*labels, *DIAGNOSTICS]

@@ -1,13 +1,15 @@
 """Ablation files and their plans: validation, designs → cells, the comparisons, cell and trial identities.
 
-An ablation toggles some of the debugging log's fixes (agch.config.Fixes) on a base config and trains every
-resulting config ("cell") with the same seeds, so each fix can be judged by a paired comparison (agch.stats).
+An ablation switches factors on a base config and trains every resulting config ("cell") with the same seeds, so
+each factor can be judged by a paired comparison (agch.stats). A factor is one of the debugging log's fixes
+(agch.config.Fixes, off/on) or any other config key between two values (`toggles`: off value, on value), such as
+feature_norm none vs standardize.
 
-Designs (each toggles the ablation's `fixes`; the base is a preset plus the file's overrides):
-  one-fix        each fix on vs off, the other fixes as the base has them (default base: paper)
-  add-one-in     the base with every toggled fix off, then each fix added alone (default base: paper)
-  leave-one-out  the base with every toggled fix on, then each fix removed alone (default base: debug-log)
-  factorial      every on/off combination of the toggled fixes; each fix's main effect (default base: paper)
+Designs (each switches the ablation's factors; the base is a preset plus the file's overrides):
+  one-fix        each factor on vs off, the other factors as the base has them (default base: paper)
+  add-one-in     the base with every factor off, then each factor switched on alone (default base: paper)
+  leave-one-out  the base with every factor on, then each factor switched off alone (default base: debug-log)
+  factorial      every on/off combination of the factors; each factor's main effect (default base: paper)
 
 agch.ablation runs a plan (reusing recorded cells) and reports it.
 """
@@ -47,8 +49,8 @@ RESOURCE_KEYS = ("cpu", "gpu")
 AUTO_GPU_FRACTION = 0.25
 """Trials are small (architecture.md): four share one GPU unless the file or --gpus-per-trial says otherwise."""
 
-SPEC_KEYS = ("name", "description", "design", "preset", "fixes", "overrides", "seeds", "dataset", "bits",
-             "epochs", "resources", "max_concurrent")
+SPEC_KEYS = ("name", "description", "design", "preset", "fixes", "toggles", "overrides", "seeds", "dataset",
+             "bits", "epochs", "resources", "max_concurrent")
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "ablations"
 
 
@@ -61,6 +63,33 @@ class Design:
 
 
 @dataclass(frozen=True)
+class Factor:
+    """One thing an ablation switches: a config key between an off and an on value (a fix: fixes.NAME False/True)."""
+
+    name: str
+    """the fix's name (alignment) or the config key (feature_norm)."""
+    key: str
+    """the flat config key (fixes.alignment, feature_norm)."""
+    off: Any
+    on: Any
+
+    @staticmethod
+    def fix(name: str) -> Factor:
+        return Factor(name, f"fixes.{name}", False, True)
+
+    def state(self, config: cfg.Config) -> str:
+        """This factor's setting in `config` for labels: '+alignment' / '-alignment', 'feature_norm=standardize'."""
+        value = cfg.to_flat(config)[self.key]
+        if self.key.startswith("fixes."):
+            return ("+" if value else "-") + self.name.replace("_", "-")
+        return f"{self.name}={value}"
+
+    def describe(self) -> str:
+        """'alignment' for a fix, 'feature_norm none->standardize' for a toggle."""
+        return self.name.replace("_", "-") if self.key.startswith("fixes.") else f"{self.name} {self.off}->{self.on}"
+
+
+@dataclass(frozen=True)
 class AblationSpec:
     """A validated ablation file (or the equivalent built from the command line)."""
 
@@ -69,7 +98,9 @@ class AblationSpec:
     fixes: tuple[str, ...]
     """the toggled fixes (canonical names, file order)."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """config keys applied to every design's preset (bits and epochs included); never a toggled fix or seed."""
+    """config keys applied to every design's preset (bits and epochs included); never a switched key or seed."""
+    toggles: tuple[Factor, ...] = ()
+    """the other config keys switched between two values (file order, after the fixes)."""
     seeds: tuple[int, ...] = tuple(range(DEFAULT_SEEDS))
     dataset: Path | None = None
     resources: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
@@ -77,11 +108,17 @@ class AblationSpec:
     """trials at once; None: as many as the resources allow."""
     description: str = ""
 
+    @property
+    def factors(self) -> tuple[Factor, ...]:
+        """Every switched factor: the fixes, then the toggles."""
+        return tuple(Factor.fix(f) for f in self.fixes) + self.toggles
+
     def to_dict(self) -> dict[str, Any]:
         """The normalised file form (logged as ablation.yaml on the parent run)."""
         return {"name": self.name, "description": self.description,
                 "design": [{"kind": d.kind, "preset": d.preset} for d in self.designs],
-                "fixes": [f.replace("_", "-") for f in self.fixes], "overrides": dict(self.overrides),
+                "fixes": [f.replace("_", "-") for f in self.fixes],
+                "toggles": {t.name: [t.off, t.on] for t in self.toggles}, "overrides": dict(self.overrides),
                 "seeds": list(self.seeds), "dataset": str(self.dataset) if self.dataset else None,
                 "resources": dict(self.resources), "max_concurrent": self.max_concurrent}
 
@@ -105,10 +142,12 @@ def seeds_from(value: Any, where: str) -> tuple[int, ...]:
 
 
 def fix_list(value: Any, where: str) -> tuple[str, ...]:
-    """A list of fix names ('text-input' or 'text_input'), canonical, no repeats."""
+    """A list of fix names ('text-input' or 'text_input'), canonical, no repeats (empty when absent)."""
+    if value in (None, []):
+        return ()
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise UserError(f"{where}: expected a non-empty list of fixes ({', '.join(cfg.FIX_ALIASES)})")
+    if not isinstance(items, list):
+        raise UserError(f"{where}: expected a list of fixes ({', '.join(cfg.FIX_ALIASES)})")
     names = tuple(cfg.fix_name(str(item), where) for item in items)
     if len(set(names)) != len(names):
         raise UserError(f"{where}: a fix is listed twice: {', '.join(map(str, items))}")
@@ -139,6 +178,28 @@ def designs_from(value: Any, preset: str | None, where: str) -> tuple[Design, ..
     return tuple(dict.fromkeys(designs))
 
 
+def toggle_list(value: Any, where: str) -> tuple[Factor, ...]:
+    """`{feature_norm: [none, standardize], batch_size: [32, 128]}` (off value, on value) as factors; each value is
+    checked as that config key would be."""
+    if value in (None, {}):
+        return ()
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping of config keys to [off value, on value]")
+    factors = []
+    for key, pair in value.items():
+        key = str(key)
+        if key.startswith("fixes") or key not in cfg.field_names():
+            known = [k for k in cfg.field_names() if not k.startswith("fixes.")]
+            raise unknown("toggled config key (fixes go under 'fixes')", key, known, where)
+        if key in ("seed", "epochs"):
+            raise UserError(f"{where}: {key} cannot be toggled ({'seeds' if key == 'seed' else 'a budget'})")
+        if not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]:
+            raise UserError(f"{where}: {key} needs two different values [off, on], got {pair!r}")
+        off, on = (cfg.to_flat(cfg.apply(cfg.Config(), {key: v}, where=f"{where}.{key}"))[key] for v in pair)
+        factors.append(Factor(key, key, off, on))
+    return tuple(factors)
+
+
 def fixed_fixes(overrides: dict[str, Any], where: str = "") -> set[str]:
     """Fixes an override mapping sets to a fixed value (`fixes.NAME` keys or a `fixes:` mapping)."""
     out = set()
@@ -150,14 +211,14 @@ def fixed_fixes(overrides: dict[str, Any], where: str = "") -> set[str]:
     return out
 
 
-def check_not_fixed(fixes: tuple[str, ...], overrides: dict[str, Any], where: str) -> None:
-    """A toggled fix cannot also be held fixed: the two settings contradict each other."""
-    both = [f for f in fixes if f in fixed_fixes(overrides, where)]
+def check_not_fixed(factors: tuple[Factor, ...], overrides: dict[str, Any], source: str) -> None:
+    """A switched factor cannot also be held fixed (in `source`): the two settings contradict each other."""
+    held = {f"fixes.{f}" for f in fixed_fixes(overrides, source)} | {k for k in overrides if not k.startswith("fixes")}
+    both = [f for f in factors if f.key in held]
     if both:
-        raise UserError(f"{where}: fix '{both[0].replace('_', '-')}' is both toggled (fixes) and fixed "
-                        f"(overrides fixes.{both[0]}); drop one of the two")
-    if "seed" in overrides:
-        raise UserError(f"{where}: 'seed' cannot be an override; the ablation sets it from 'seeds'")
+        kind = "fix" if both[0].key.startswith("fixes.") else "config key"
+        raise UserError(f"{kind} '{both[0].name.replace('_', '-')}' is both toggled and held fixed (in {source}); "
+                        "drop one: an ablation cannot switch what it also fixes")
 
 
 def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> AblationSpec:
@@ -167,9 +228,11 @@ def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> Ablatio
     for key in raw:
         if key not in SPEC_KEYS:
             raise unknown("ablation key", str(key), SPEC_KEYS, where)
-    for key in ("name", "design", "fixes"):
+    for key in ("name", "design"):
         if raw.get(key) in (None, "", []):
             raise UserError(f"{where}: missing '{key}'")
+    if raw.get("fixes") in (None, "", []) and raw.get("toggles") in (None, {}):
+        raise UserError(f"{where}: missing 'fixes' (or 'toggles'): nothing to switch")
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise UserError(f"{where}: overrides must be a mapping of config keys")
@@ -179,8 +242,11 @@ def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> Ablatio
             if key in overrides:
                 raise UserError(f"{where}: '{key}' is given both at the top level and in overrides; keep one")
             overrides[key] = raw[key]
-    fixes = fix_list(raw["fixes"], f"{where}: fixes")
-    check_not_fixed(fixes, overrides, where)
+    fixes = fix_list(raw.get("fixes"), f"{where}: fixes")
+    toggles = toggle_list(raw.get("toggles"), f"{where}: toggles")
+    check_not_fixed(tuple(Factor.fix(f) for f in fixes) + toggles, overrides, f"{where} overrides")
+    if "seed" in overrides:
+        raise UserError(f"{where}: 'seed' cannot be an override; the ablation sets it from 'seeds'")
     cfg.apply(cfg.Config(), overrides, where=f"{where}: overrides")  # unknown keys / bad values fail here
     resources = raw.get("resources") or {}
     if not isinstance(resources, dict):
@@ -196,7 +262,8 @@ def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> Ablatio
             dataset = relative_to / dataset
     return AblationSpec(
         name=str(raw["name"]), description=str(raw.get("description") or "").strip(),
-        designs=designs_from(raw["design"], raw.get("preset"), where), fixes=fixes, overrides=overrides,
+        designs=designs_from(raw["design"], raw.get("preset"), where), fixes=fixes, toggles=toggles,
+        overrides=overrides,
         seeds=seeds_from(raw.get("seeds", DEFAULT_SEEDS), f"{where}: seeds"), dataset=dataset,
         resources=resources, max_concurrent=max_concurrent)
 
@@ -256,10 +323,10 @@ class Cell:
 
 @dataclass(frozen=True)
 class Comparison:
-    """Fix on vs off: cell identities on each side, matched position by position (same context)."""
+    """Factor on vs off: cell identities on each side, matched position by position (same context)."""
 
     name: str
-    fix: str
+    factor: str
     design: str
     on: tuple[str, ...]
     off: tuple[str, ...]
@@ -306,37 +373,43 @@ def trial_identity(config: cfg.Config, seed: int, dataset_identity: str) -> str:
     return cfg.identity(dataclasses.replace(config, seed=seed), dataset=dataset_identity)
 
 
-def with_fixes(config: cfg.Config, settings: dict[str, bool]) -> cfg.Config:
-    """`config` with the given fixes switched."""
-    return dataclasses.replace(config, fixes=dataclasses.replace(config.fixes, **settings))
+def with_settings(config: cfg.Config, settings: dict[str, Any]) -> cfg.Config:
+    """`config` with the given flat keys (fixes.NAME, feature_norm, ...) set."""
+    return cfg.apply(config, settings)
 
 
-def cell_label(design: Design, config: cfg.Config, toggled: tuple[str, ...]) -> str:
-    """'paper[+alignment -balance]': the base preset and the toggled fixes' states."""
-    states = " ".join(("+" if getattr(config.fixes, f) else "-") + f.replace("_", "-") for f in toggled)
-    return f"{design.preset}[{states}]"
+def switched(factors: dict[Factor, bool]) -> dict[str, Any]:
+    """{factor: on?} as the flat settings it means."""
+    return {f.key: f.on if on else f.off for f, on in factors.items()}
 
 
-def design_cells(design: Design, base: cfg.Config, fixes: tuple[str, ...]) -> Iterator[tuple[str, cfg.Config,
-                                                                                            cfg.Config]]:
-    """(fix, on-config, off-config) for every comparison a design makes; factorial yields one per context."""
+def cell_label(design: Design, config: cfg.Config, factors: tuple[Factor, ...]) -> str:
+    """'paper[+alignment -balance feature_norm=standardize]': the base preset and the factors' settings."""
+    return f"{design.preset}[{' '.join(f.state(config) for f in factors)}]"
+
+
+def design_cells(design: Design, base: cfg.Config, factors: tuple[Factor, ...]) -> Iterator[tuple[Factor, cfg.Config,
+                                                                                                 cfg.Config]]:
+    """(factor, on-config, off-config) for every comparison a design makes; factorial yields one per context."""
+    def on_off(config: cfg.Config, factor: Factor) -> tuple[cfg.Config, cfg.Config]:
+        return (with_settings(config, switched({factor: True})), with_settings(config, switched({factor: False})))
+
     if design.kind == "one-fix":
-        for fix in fixes:
-            yield fix, with_fixes(base, {fix: True}), with_fixes(base, {fix: False})
+        for factor in factors:
+            yield factor, *on_off(base, factor)
     elif design.kind == "add-one-in":
-        start = with_fixes(base, {f: False for f in fixes})
-        for fix in fixes:
-            yield fix, with_fixes(start, {fix: True}), start
+        start = with_settings(base, switched({f: False for f in factors}))
+        for factor in factors:
+            yield factor, on_off(start, factor)[0], start
     elif design.kind == "leave-one-out":
-        start = with_fixes(base, {f: True for f in fixes})
-        for fix in fixes:
-            yield fix, start, with_fixes(start, {fix: False})
-    else:  # factorial: each fix against every combination of the others
-        for fix in fixes:
-            others = [f for f in fixes if f != fix]
+        start = with_settings(base, switched({f: True for f in factors}))
+        for factor in factors:
+            yield factor, start, on_off(start, factor)[1]
+    else:  # factorial: each factor against every combination of the others
+        for factor in factors:
+            others = [f for f in factors if f != factor]
             for states in itertools.product((False, True), repeat=len(others)):
-                context = with_fixes(base, dict(zip(others, states)))
-                yield fix, with_fixes(context, {fix: True}), with_fixes(context, {fix: False})
+                yield factor, *on_off(with_settings(base, switched(dict(zip(others, states)))), factor)
 
 
 def build_plan(spec: AblationSpec, dataset_identity: str) -> Plan:
@@ -346,18 +419,18 @@ def build_plan(spec: AblationSpec, dataset_identity: str) -> Plan:
 
     def add(design: Design, config: cfg.Config) -> str:
         key = cell_identity(config, dataset_identity)
-        cells.setdefault(key, Cell(key, cell_label(design, config, spec.fixes), config))
+        cells.setdefault(key, Cell(key, cell_label(design, config, spec.factors), config))
         return key
 
     for design in spec.designs:
         base = cfg.apply(cfg.preset(design.preset), {**cfg.SELECTION_DEFAULTS, **spec.overrides},
                          where=f"ablation {spec.name}: overrides")
-        sides: dict[str, tuple[list[str], list[str]]] = {}
-        for fix, on, off in design_cells(design, base, spec.fixes):
-            on_ids, off_ids = sides.setdefault(fix, ([], []))
+        sides: dict[Factor, tuple[list[str], list[str]]] = {}
+        for factor, on, off in design_cells(design, base, spec.factors):
+            on_ids, off_ids = sides.setdefault(factor, ([], []))
             on_ids.append(add(design, on))
             off_ids.append(add(design, off))
-        for fix, (on_ids, off_ids) in sides.items():
-            comparisons.append(Comparison(f"{fix.replace('_', '-')} ({design.kind}, {design.preset})", fix,
+        for factor, (on_ids, off_ids) in sides.items():
+            comparisons.append(Comparison(f"{factor.describe()} ({design.kind}, {design.preset})", factor.name,
                                           design.kind, tuple(on_ids), tuple(off_ids)))
     return Plan(spec, dataset_identity, cells, tuple(comparisons))

@@ -32,6 +32,8 @@ from agch.errors import UserError
 
 SEED_OFFSET = "seed_offset"
 """Param key of a repeated trial: it trains with seed base.seed + this (several seeds per suggestion)."""
+SETTINGS = "settings"
+"""Param key of a mapping of flat config keys an ablation grid sets together (one grid value per cell)."""
 TRIAL_NUMBER = "trial_number"
 """Param key a search algorithm adds so that trials with equal settings stay distinct (agch-search: the Optuna trial
 number). Like SEED_OFFSET it is not a config key."""
@@ -105,9 +107,11 @@ class TrialFailed(Exception):
 
 
 def trial_config(ctx: RunContext, params: dict[str, Any]) -> cfg.Config:
-    """ctx.base plus the trial's params (config keys, 'fixes.<name>', SEED_OFFSET for repeated trials, TRIAL_NUMBER)."""
+    """ctx.base plus the trial's params (config keys, 'fixes.<name>', SETTINGS, SEED_OFFSET for repeated trials,
+    TRIAL_NUMBER)."""
     params = dict(params)
     params.pop(TRIAL_NUMBER, None)
+    params.update(params.pop(SETTINGS, {}))
     offset = int(params.pop(SEED_OFFSET, 0))
     config = cfg.apply(cfg.Config(), {**ctx.base, **params}, where="trial params")
     return dataclasses.replace(config, seed=config.seed + offset) if offset else config

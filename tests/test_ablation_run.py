@@ -101,7 +101,7 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     assert parents[-1].info.status == "FINISHED"
     assert {"reference_random_map50", "reference_cca_itq_mapall_t2i"} <= set(parents[-1].data.metrics)
     table = list(csv.DictReader(io.StringIO(parent_artifact(store, parent, "comparisons.csv", tmp_path))))
-    rows = {(r["fix"], r["metric"]): r for r in table}
+    rows = {(r["factor"], r["metric"]): r for r in table}
     broken = rows[("quantization", "mAP@50 I->T")]
     assert broken["verdict"] == "hurts" and float(broken["ci_high"]) < 0, out
     for metric in ("mAP@50 I->T", "mAP@50 T->I", "mAP@ALL I->T", "mAP@ALL T->I"):

@@ -32,14 +32,14 @@ def test_shipped_files_validate_and_the_story_covers_every_fix_both_ways() -> No
         plan = build_plan(load_spec(path), DS)
         assert plan.comparisons and len(plan.spec.seeds) >= 5
     story = build_plan(load_spec(SHIPPED_DIR / "debug_log_story.yaml"), DS)
-    directions = {(c.fix, c.design) for c in story.comparisons}
+    directions = {(c.factor, c.design) for c in story.comparisons}
     assert directions == {(f, d) for f in cfg.FIX_NAMES for d in ("add-one-in", "leave-one-out")}
     assert len(story.cells) == 12
 
 
 def test_add_one_in_starts_from_the_paper_with_the_fixes_off() -> None:
     plan = build_plan(spec(design="add-one-in", fixes=["similarity", "balance"]), DS)
-    by = {c.fix: c for c in plan.comparisons}
+    by = {c.factor: c for c in plan.comparisons}
     off = plan.cells[by["balance"].off[0]].config
     assert off.fixes.similarity is False and off.fixes.balance is False  # the paper has similarity on: forced off
     on = plan.cells[by["balance"].on[0]].config
@@ -61,7 +61,7 @@ def test_leave_one_out_starts_from_the_debug_log() -> None:
 def test_factorial_pairs_every_context() -> None:
     plan = build_plan(spec(design="factorial", fixes=["quantization", "balance", "alignment"]), DS)
     assert len(plan.cells) == 8 and len(plan.trials()) == 8 * 5
-    quant = next(c for c in plan.comparisons if c.fix == "quantization")
+    quant = next(c for c in plan.comparisons if c.factor == "quantization")
     assert len(quant.on) == len(quant.off) == 4
     for on, off in zip(quant.on, quant.off):  # each pair differs in the compared fix only
         a, b = plan.cells[on].config, plan.cells[off].config
@@ -92,7 +92,7 @@ def test_cells_shared_by_two_designs_are_trained_once() -> None:
     ({"preset": "final"}, "one-fix needs a base preset"),
     ({"seeds": 0}, "seeds must be >= 1"),
     ({"seeds": [1, 1]}, "seeds lists a seed twice"),
-    ({"overrides": {"fixes.alignment": "on"}}, "fix 'alignment' is both toggled (fixes) and fixed"),
+    ({"overrides": {"fixes.alignment": "on"}}, "fix 'alignment' is both toggled and held fixed (in t.yaml overrides)"),
     ({"overrides": {"fixes": {"alignment": False}}}, "both toggled"),
     ({"overrides": {"seed": 3}}, "'seed' cannot be an override"),
     ({"overrides": {"dleta": 1.0}}, "unknown config key 'dleta' (did you mean 'delta'?)"),
@@ -163,8 +163,57 @@ def test_tune_groups_are_grids_whose_trials_are_exactly_the_plans() -> None:
         ctx = RunContext(dataset="d.h5", tracking_uri="sqlite:///x.db", experiment="e", parent_run_id="p",
                          device="cpu", base=group["base"], group=group["name"])
         # What the runner will train for each grid point carries the identity the driver expects.
-        built = {cfg.identity(trial_config(ctx, {"fixes": fixes, "seed": seed}), dataset=DS)
-                 for fixes in group["fixes"] for seed in group["seeds"]}
+        built = {cfg.identity(trial_config(ctx, {"settings": settings, "seed": seed}), dataset=DS)
+                 for settings in group["settings"] for seed in group["seeds"]}
         assert built == group_identities(group, DS)
         covered += built
     assert sorted(covered) == sorted({t.identity for t in trials} - recorded)
+
+
+def test_toggles_switch_any_config_key_like_a_fix() -> None:
+    plan = build_plan(spec(design="factorial", fixes=["alignment"],
+                           toggles={"feature_norm": ["none", "standardize"], "batch_size": [32, 128]}), DS)
+    assert len(plan.cells) == 8 and len(plan.comparisons) == 3
+    by_name = {c.factor: c for c in plan.comparisons}
+    assert by_name["feature_norm"].name == "feature_norm none->standardize (factorial, paper)"
+    for on, off in zip(by_name["batch_size"].on, by_name["batch_size"].off):
+        a, b = plan.cells[on].config, plan.cells[off].config
+        assert (a.batch_size, b.batch_size) == (128, 32)
+        assert dataclasses.replace(a, batch_size=32) == b
+    assert "paper[+alignment feature_norm=standardize batch_size=128]" in {c.label for c in plan.cells.values()}
+    assert {c.config.eval_split for c in plan.cells.values()} == {"validation"}  # settings are chosen off the test
+
+
+def test_tune_groups_of_toggled_keys_rebuild_the_plans_configs() -> None:
+    from agch.ablation import group_identities, tune_groups
+    from agch.runner import RunContext, trial_config
+
+    plan = build_plan(spec(design="one-fix", fixes=[], toggles={"feature_norm": ["none", "standardize"]}), DS)
+    (group,) = tune_groups(plan, plan.trials(), prefix="g")
+    ctx = RunContext(dataset="d.h5", tracking_uri="sqlite:///x.db", experiment="e", parent_run_id="p",
+                     device="cpu", base=group["base"], group=group["name"])
+    built = {cfg.identity(trial_config(ctx, {"settings": settings, "seed": seed}), dataset=DS)
+             for settings in group["settings"] for seed in group["seeds"]}
+    assert built == group_identities(group, DS) == {t.identity for t in plan.trials()}
+
+
+@pytest.mark.parametrize("toggles, message", [
+    ({"feature_nrm": ["none", "center"]}, "unknown toggled config key (fixes go under 'fixes') 'feature_nrm'"),
+    ({"feature_norm": ["none", "none"]}, "feature_norm needs two different values [off, on]"),
+    ({"feature_norm": ["none", "zscore"]}, "feature_norm must be one of none, center, standardize"),
+    ({"seed": [0, 1]}, "seed cannot be toggled"),
+])
+def test_bad_toggles_are_explained(toggles, message) -> None:
+    with pytest.raises(UserError) as err:
+        spec(toggles=toggles)
+    assert message in str(err.value)
+
+
+def test_cli_toggle_builds_a_one_factor_ablation_without_its_default_budget_clash() -> None:
+    from agch.cli.ablate import build_parser, spec_from_args
+
+    built = spec_from_args(build_parser().parse_args(["--toggle", "bits=16,64", "--toggle", "optimizer=sgd,adam"]))
+    assert built.name == "toggle-bits-optimizer" and "bits" not in built.overrides
+    assert [(f.key, f.off, f.on) for f in built.factors] == [("bits", 16, 64), ("optimizer", "sgd", "adam")]
+    with pytest.raises(UserError, match=r"config key 'bits' is both toggled and held fixed \(in --set\)"):
+        spec_from_args(build_parser().parse_args(["--toggle", "bits=16,64", "--set", "bits=32"]))

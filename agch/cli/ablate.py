@@ -17,8 +17,10 @@ EPILOG = """examples:
   agch-ablate --fix balance --fix quantization --design leave-one-out
   agch-ablate ablations/debug_log_story.yaml       # every fix, added to the paper and removed from the log's final
   agch-ablate debug_log_story --seeds 3 --epochs 2 # a quicker look at the same
+  agch-ablate --toggle feature_norm=none,standardize --data wiki.h5   # any config key between two values
 
 --fix NAME toggles a fix (the ablation's subject); --fix NAME=on|off holds one fixed in every cell.
+--toggle KEY=OFF,ON switches any other config key between two values, like a fix.
 A cell × seed already recorded in the tracking store (same config identity, seed and dataset) is reused."""
 
 
@@ -31,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("file", nargs="?", default=None,
                         help="ablation YAML (a path, or a shipped one by name: ablations/NAME.yaml, NAME)")
     add_common_options(parser, preset_default="the file's, else the design's: paper, debug-log for leave-one-out")
+    parser.add_argument("--toggle", dest="toggles", action="append", default=[], metavar="KEY=OFF,ON",
+                        help="switch a config key between two values (off first), e.g. "
+                             "--toggle feature_norm=none,standardize (repeatable)")
     parser.add_argument("--design", choices=list(DESIGNS), default=None,
                         help="design without a file (default one-fix); with a file, replaces the file's designs")
     parser.add_argument("--seeds", type=int, default=None,
@@ -51,34 +56,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The ablation file (or the default design) with the command line's options layered on top."""
-    from agch.ablation_plan import (DEFAULT_BUDGET, AblationSpec, Design, DESIGNS, check_resources, fixed_fixes,
-                                    load_spec, resolve_spec_path)
+    from agch.ablation_plan import (DEFAULT_BUDGET, AblationSpec, Design, DESIGNS, check_not_fixed, check_resources,
+                                    load_spec, resolve_spec_path, toggle_list)
 
     toggled = tuple(cfg.fix_name(f, "--fix") for f in args.fixes if "=" not in f)
     held = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in
             parse_pairs([f for f in args.fixes if "=" in f], "--fix").items()}
     if len(set(toggled)) != len(toggled):
         raise UserError("--fix: a fix is toggled twice")
+    switched = toggle_list({k: v.split(",") for k, v in parse_pairs(args.toggles, "--toggle").items()}, "--toggle")
     preset, config_overrides = config_file(args)
     if args.file is not None:
         spec = load_spec(resolve_spec_path(args.file))
         where = f"{args.file} overrides"
-    elif toggled:
-        spec = AblationSpec(name="fix-" + "-".join(f.replace("_", "-") for f in toggled),
-                            designs=(Design("one-fix", "paper"),), fixes=toggled, overrides=dict(DEFAULT_BUDGET))
+    elif toggled or switched:
+        names = [f.replace("_", "-") for f in toggled] + [t.name for t in switched]
+        budget = {k: v for k, v in DEFAULT_BUDGET.items() if k not in {t.key for t in switched}}
+        spec = AblationSpec(name=("fix-" if toggled else "toggle-") + "-".join(names),
+                            designs=(Design("one-fix", "paper"),), fixes=toggled, toggles=switched, overrides=budget)
         where = "the default budget"
     else:
-        raise UserError(f"nothing to ablate: name a fix (--fix NAME, one of {', '.join(cfg.FIX_ALIASES)}) "
-                        "or an ablation file")
-    fixes = toggled or spec.fixes
+        raise UserError(f"nothing to ablate: name a fix (--fix NAME, one of {', '.join(cfg.FIX_ALIASES)}), "
+                        "a config key (--toggle KEY=OFF,ON) or an ablation file")
+    if toggled or switched:
+        spec = dataclasses.replace(spec, fixes=toggled, toggles=switched)
     sources = [(spec.overrides, where), (config_overrides, str(args.config)),
                (parse_pairs(args.overrides, "--set"), "--set"), (held, "--fix NAME=on|off")]
     for overrides, source in sources:
-        both = [f for f in fixes if f in fixed_fixes(overrides, source)]
-        if both:
-            name = both[0].replace("_", "-")
-            raise UserError(f"fix '{name}' is both toggled and held fixed (in {source}); "
-                            f"drop one: an ablation cannot switch a fix it also fixes")
+        check_not_fixed(spec.factors, overrides, source)
     overrides = {k: v for o, _ in sources for k, v in o.items()}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
@@ -100,7 +105,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     if args.gpus_per_trial is not None:
         resources["gpu"] = args.gpus_per_trial
     return dataclasses.replace(
-        spec, name=args.name or spec.name, designs=designs, fixes=fixes, overrides=overrides, seeds=seeds,
+        spec, name=args.name or spec.name, designs=designs, overrides=overrides, seeds=seeds,
         resources=check_resources(resources, "--gpus-per-trial"),
         max_concurrent=args.max_concurrent or spec.max_concurrent)
 
@@ -141,7 +146,7 @@ def run(argv: list[str] | None) -> int:
             say(line)
 
     say(f"agch-ablate {spec.name}: {', '.join(d.kind + ' (' + d.preset + ')' for d in spec.designs)} over "
-        f"{', '.join(f.replace('_', '-') for f in spec.fixes)}; seeds {', '.join(map(str, spec.seeds))}; "
+        f"{', '.join(f.describe() for f in spec.factors)}; seeds {', '.join(map(str, spec.seeds))}; "
         f"dataset {data}")
     with outage_hint(resolve_uri(args.tracking_uri), "run the same agch-ablate command (it resumes this ablation "
                      "and retrains nothing recorded)"):
