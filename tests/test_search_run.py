@@ -111,6 +111,14 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     assert trained.bits == 16 and trained.epochs == 3 and trained.fixes.text_input and trained.eval_split == "test"
 
 
+def test_epochs_without_evaluation_do_not_end_the_search(ray_session, tiny_dataset: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    space = dict(SPACE, fixed={**FIXED, "eval_every": 2}, scheduler={"name": "none", "epochs": 2}, trials=1)
+    assert main(["run", str(write(tmp_path, space)), "--data", str(tiny_dataset), "--name", "sparse"]) == 0
+    out = capsys.readouterr().out
+    assert "search sparse finished: 1 finished, 0 stopped, 0 failed" in out, out
+
+
 def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: Path, tmp_path: Path) -> None:
     space = dict(SPACE, scheduler={"name": "none", "epochs": 2}, concurrency=1)
     command = [sys.executable, "-m", "agch.cli.search", "run", str(write(tmp_path, space)), "--data",
