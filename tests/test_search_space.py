@@ -194,6 +194,7 @@ def test_live_table_redraws_in_place_on_a_terminal_and_logs_lines_elsewhere() ->
         table.on_start("demo", space, "mAP@50 mean(I->T, T->I), 64 bits", references)
         table.on_result("t1", {"delta": 0.5, "gamma_v": 2.0, "gamma_t": 0.3}, {"epoch": 1, "map50_mean": 0.61})
         table.on_result("t2", {"delta": 2.0, "gamma_v": 1.0, "gamma_t": 0.9}, {"epoch": 1, "map50_mean": 0.55})
+        table.on_result("t2", {"delta": 2.0, "gamma_v": 1.0, "gamma_t": 0.9}, {"epoch": 2})  # not evaluated: no line
         table.on_complete(TrialOutcome("t2", {"delta": 2.0}, "stopped", "early-stopped", {"map50_mean": 0.55}, "r2", 1))
         table.on_complete(TrialOutcome("t1", {"delta": 0.5}, "finished", None, {"map50_mean": 0.64}, "r1", 4))
         text = stream.getvalue()

@@ -88,9 +88,10 @@ class LiveTable:
     def on_result(self, trial_id: str, params: dict, result: dict) -> None:
         row = self.rows.setdefault(trial_id, {"state": "running", "params": params, "epoch": 0, "value": None})
         row["epoch"] = result.get("epoch", row["epoch"])
-        if self.metric in result:
+        evaluated = self.metric in result
+        if evaluated:
             row["value"] = float(result[self.metric])
-        self._show(trial_id, force=False)
+        self._show(trial_id, force=False, changed=evaluated)
 
     def on_complete(self, outcome: Any) -> None:
         row = self.rows.setdefault(outcome.trial_id, {"params": outcome.params, "epoch": 0, "value": None})
@@ -111,11 +112,10 @@ class LiveTable:
         extra = f"  ({row['reason']})" if row.get("reason") and row["state"] != "finished" else ""
         return f"{trial_id:<14} {row['state']:<11} epoch {row['epoch']:>3}  {self.metric} {value:<7} {params}{extra}"
 
-    def _show(self, trial_id: str, force: bool) -> None:
-        if not self.tty:
-            row = self.rows[trial_id]
-            if force or row["value"] is not None:
-                print(self._line(trial_id, row), file=self.out, flush=True)
+    def _show(self, trial_id: str, force: bool, changed: bool = True) -> None:
+        if not self.tty:  # a log: one line per evaluation and per ended trial, not per epoch
+            if force or changed:
+                print(self._line(trial_id, self.rows[trial_id]), file=self.out, flush=True)
             return
         if not force and time.monotonic() - self.last_draw < self.refresh_s:
             return
