@@ -310,8 +310,14 @@ def _list_keys(file: h5py.File) -> list[str]:
     return keys
 
 
-def summarize(ds: Dataset, *, exact_patterns: int = 20_000, sample_pairs: int = 1_000_000) -> dict[str, Any]:
-    """Sizes, provenance and label/tag statistics of a dataset, and the random-ranking mAP of its split.
+REFERENCE_BITS = 16
+"""Code length of the CCA+ITQ reference that `summarize` reports (the paper's shortest codes)."""
+
+
+def summarize(ds: Dataset, *, exact_patterns: int = 20_000, sample_pairs: int = 1_000_000,
+              references: bool = True) -> dict[str, Any]:
+    """Sizes, provenance and label/tag statistics of a dataset, the random-ranking mAP of its split, and (with
+    `references`) the S statistics under the debug-log and paper readings and the CCA+ITQ reference mAP.
 
     The shared-label rate (fraction of item pairs sharing >= 1 label) is exact when the labels have at most
     `exact_patterns` distinct rows (pairs are counted between distinct label rows), else estimated on
@@ -327,7 +333,7 @@ def summarize(ds: Dataset, *, exact_patterns: int = 20_000, sample_pairs: int = 
     chance = random_ranking_map(query, retrieval, ks=(50, None), seed=0)
     labels_kind = "synthetic" if "labels" in ds.synthetic else "real"
     protocol = f"query vs retrieval, {ds.meta['split_protocol']} split, {ds.name}, labels {labels_kind}"
-    return {
+    summary = {
         "path": str(ds.path), "name": ds.name, "identity": ds.identity, "n": ds.n,
         "image": {"dim": ds.image_dim, "dtype": ds.stored_dtype("image").name},
         "text": {"dim": ds.text_dim, "dtype": ds.stored_dtype("text").name},
@@ -343,6 +349,25 @@ def summarize(ds: Dataset, *, exact_patterns: int = 20_000, sample_pairs: int = 
         "shared_label_rate": shared_label_rate(labels, exact_patterns=exact_patterns, sample_pairs=sample_pairs),
         "random_ranking": {"map@50": chance["map@50"], "map@all": chance["map@all"], "seed": 0,
                            "protocol": f"random ranking, {protocol}"},
+    }
+    if references:
+        summary.update(_references(ds, protocol))
+    return summary
+
+
+def _references(ds: Dataset, protocol: str) -> dict[str, Any]:
+    """S statistics (debug-log and paper readings) and the CCA+ITQ reference at REFERENCE_BITS, test queries."""
+    from agch.baselines import cca_itq
+    from agch.config import apply, preset
+    from agch.diagnostics import S_BATCH, S_BATCHES, dataset_s_statistics
+
+    s_stats = {name: dataset_s_statistics(ds, preset(name)) for name in ("debug-log", "paper")}
+    metrics = cca_itq(apply(preset("paper"), {"bits": REFERENCE_BITS}), ds).metrics
+    return {
+        "s_statistics": {**s_stats, "protocol": f"S (after 2S - 1) vs sharing >= 1 label, pooled over {S_BATCHES} "
+                                                f"batches of {S_BATCH} training pairs (seed 0)"},
+        "cca_itq": {**{key: metrics[key] for key in ("map50_i2t", "map50_t2i", "mapall_i2t", "mapall_t2i")},
+                    "protocol": f"CCA+ITQ fitted on the training pairs, {REFERENCE_BITS} bits, {protocol}"},
     }
 
 

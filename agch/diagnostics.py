@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 
 from agch.metrics import relevance
@@ -26,6 +29,36 @@ def similarity_vs_labels(zv: torch.Tensor, zt: torch.Tensor, labels: torch.Tenso
         "s_mean_positive": mean(sv[pv > 0]),
         "s_mean_negative": mean(sv[pv == 0]),
     }
+
+
+S_BATCH = 128
+"""Batch size of the S statistics of a dataset: the debugging log measured them on its batches of 128."""
+S_BATCHES = 40
+"""Batches pooled for them: 40 x 128 x 127 ordered pairs, enough for two decimals."""
+
+
+def dataset_s_statistics(data: Any, config: Config, *, batches: int = S_BATCHES, seed: int = 0) -> dict[str, float]:
+    """similarity_vs_labels pooled over the off-diagonal pairs of `batches` random batches of S_BATCH training
+    pairs (seed `seed`): how S under `config`'s reading tracks label similarity on a dataset.
+
+    The debugging log's figures on real MIRFlickr-25K features, debug-log reading: corr 0.29, positive pairs -0.73,
+    negative pairs -0.81 (docs/synthetic-data.md).
+    """
+    rng = np.random.default_rng(seed)
+    train = data.split.train
+    size = min(S_BATCH, len(train))
+    values, positive = [], []
+    for _ in range(batches):
+        rows = np.sort(rng.choice(train, size=size, replace=False))
+        zv, zt = (torch.from_numpy(data.rows(m, rows)) for m in ("image", "text"))
+        s, _ = batch_similarity(zv, zt, config)
+        off_diag = ~torch.eye(size, dtype=torch.bool)
+        labels = torch.from_numpy(data.labels[rows])
+        values.append(s[off_diag])
+        positive.append(relevance(labels, labels)[off_diag])
+    sv, pv = torch.cat(values).double(), torch.cat(positive).double()
+    return {"s_label_corr": float(torch.corrcoef(torch.stack([sv, pv]))[0, 1]),
+            "s_mean_positive": float(sv[pv > 0].mean()), "s_mean_negative": float(sv[pv == 0].mean())}
 
 
 def code_statistics(codes_image: torch.Tensor, codes_text: torch.Tensor) -> dict[str, float]:

@@ -108,6 +108,9 @@ class ImageModel:
     """Dimension of the latent space of prototypes and nuisance."""
     n_styles: int = 64
     """Label-independent nuisance clusters (photographer, lighting): images also group by these."""
+    n_modes: int = 1
+    """Visual modes per label (a dog indoors, a dog on a beach): which one an image shows is set by its style
+    cluster, so label information is non-linear in the features (an interaction of label and nuisance)."""
     style_share: float = 0.5
     """Fraction of the nuisance variance from the item's style cluster; the rest is per-image."""
     active_fraction: float = 0.2
@@ -273,7 +276,7 @@ class SyntheticImageFeatures:
         self.shape, self.dtype = (labels.shape[0], model.dim), np.dtype(np.float16)
         rng = _rng(seed, _IMAGE_STREAM, 0)
         m = model
-        self._prototypes = rng.standard_normal((labels.shape[1], m.latent_dim)).astype(np.float32)
+        self._prototypes = rng.standard_normal((labels.shape[1], m.n_modes, m.latent_dim)).astype(np.float32)
         self._styles = rng.standard_normal((m.n_styles, m.latent_dim)).astype(np.float32)
         self._projection = (rng.standard_normal((m.latent_dim, m.dim)) / np.sqrt(m.latent_dim)).astype(np.float32)
         # threshold at the (1 - active_fraction) quantile of the unit-variance pre-activation
@@ -281,6 +284,7 @@ class SyntheticImageFeatures:
         self._gain = np.exp(m.gain_spread * rng.standard_normal(m.dim)).astype(np.float32)
         pool = np.exp(m.noise * rng.standard_normal(_NOISE_POOL + m.dim) - m.noise**2 / 2).astype(np.float32)
         self._noise_windows = np.lib.stride_tricks.sliding_window_view(pool, m.dim)  # (_NOISE_POOL + 1, dim)
+        self._mode_of = rng.integers(m.n_modes, size=(m.n_styles, labels.shape[1]))  # style x label -> its mode
         self._cached: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -304,8 +308,11 @@ class SyntheticImageFeatures:
         rng = _rng(self.seed, _IMAGE_STREAM, 1 + block)
         labels = self.labels[block * _IMAGE_BLOCK_ROWS:(block + 1) * _IMAGE_BLOCK_ROWS]
         rows = labels.shape[0]
-        label_part = labels @ self._prototypes / np.sqrt(np.maximum(labels.sum(axis=1, keepdims=True), 1.0))
-        style = self._styles[rng.integers(m.n_styles, size=rows)]
+        style_of = rng.integers(m.n_styles, size=rows)
+        shown = self._prototypes[np.arange(labels.shape[1]), self._mode_of[style_of]]  # (rows, L, latent_dim)
+        label_part = np.einsum("rl,rld->rd", labels, shown) / np.sqrt(
+            np.maximum(labels.sum(axis=1, keepdims=True), 1.0))
+        style = self._styles[style_of]
         nuisance = (np.sqrt(m.style_share) * style
                     + np.sqrt(1 - m.style_share) * rng.standard_normal((rows, m.latent_dim), dtype=np.float32))
         latent = np.sqrt(m.signal) * label_part + np.sqrt(1 - m.signal) * nuisance  # (rows, latent_dim)

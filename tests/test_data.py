@@ -252,6 +252,10 @@ def test_summarize(valid_file):
     chance = s["random_ranking"]
     assert 0 < chance["map@all"] < 1 and 0 < chance["map@50"] < 1
     assert chance["protocol"] == "random ranking, query vs retrieval, standard split, tiny, labels real"
+    for reading in ("debug-log", "paper"):
+        assert set(s["s_statistics"][reading]) == {"s_label_corr", "s_mean_positive", "s_mean_negative"}
+    assert s["cca_itq"]["protocol"].startswith("CCA+ITQ fitted on the training pairs, 16 bits, query vs retrieval")
+    assert 0 < s["cca_itq"]["mapall_i2t"] < 1
 
 
 def test_cli_info_text_and_json(valid_file, capsys):
@@ -260,6 +264,8 @@ def test_cli_info_text_and_json(valid_file, capsys):
     assert "query 60, retrieval 540, train 200" in out and "synthetic  image: uniform noise" in out
     assert "random ranking, mAP@ALL, query vs retrieval, standard split, tiny, labels real: " in out
     assert "random ranking, mAP@50, query vs retrieval, standard split, tiny, labels real: " in out
+    assert "CCA+ITQ, mAP@50 I->T " in out and "16 bits, query vs retrieval, standard split, tiny" in out
+    assert "  debug-log reading: corr " in out and "  paper reading: corr " in out
     assert main(["info", str(valid_file), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     with open_dataset(valid_file) as ds:

@@ -172,3 +172,19 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"signal must be in \[0, 1\]"):
         build_synthetic_dataset(tmp_path / "x.h5", image_signal=1.5, **TINY)
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_s_statistics_of_a_set_follow_its_label_signal(tmp_path):
+    """The pooled S statistics see the image signal: none -> no correlation with label sharing; strong -> clear."""
+    from agch.config import preset
+    from agch.data import open_dataset
+    from agch.diagnostics import dataset_s_statistics
+
+    found = {}
+    for signal in (0.0, 0.9):
+        path = build_synthetic_dataset(tmp_path / f"s{signal}.h5", seed=0, n=800, image_dim=512, n_query=100,
+                                       n_train=400, image_signal=signal)
+        with open_dataset(path) as data:
+            found[signal] = dataset_s_statistics(data, preset("debug-log"), batches=10)
+    assert abs(found[0.0]["s_label_corr"]) < 0.05 < 0.2 < found[0.9]["s_label_corr"]
+    assert found[0.9]["s_mean_positive"] > found[0.9]["s_mean_negative"]

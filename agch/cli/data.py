@@ -163,4 +163,15 @@ def format_summary(s: dict[str, Any]) -> list[str]:
     protocol = chance["protocol"].removeprefix("random ranking, ")
     lines += [f"random ranking, mAP@ALL, {protocol}: {chance['map@all']:.4f}",
               f"random ranking, mAP@50, {protocol}: {chance['map@50']:.4f}"]
+    if "cca_itq" in s:
+        c = s["cca_itq"]
+        lines.append(f"CCA+ITQ, mAP@50 I->T {c['map50_i2t']:.4f} T->I {c['map50_t2i']:.4f}, mAP@ALL I->T "
+                     f"{c['mapall_i2t']:.4f} T->I {c['mapall_t2i']:.4f}: {c['protocol'].removeprefix('CCA+ITQ ')}")
+    if "s_statistics" in s:
+        st = s["s_statistics"]
+        lines.append(f"S statistics: {st['protocol']} (the debugging log on real MIRFlickr-25K features, debug-log "
+                     "reading: corr 0.29, positive pairs -0.73, negative pairs -0.81)")
+        lines += [f"  {name} reading: corr {st[name]['s_label_corr']:.3f}, positive pairs "
+                  f"{st[name]['s_mean_positive']:.3f}, negative pairs {st[name]['s_mean_negative']:.3f}"
+                  for name in ("debug-log", "paper")]
     return lines
