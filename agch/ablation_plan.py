@@ -191,8 +191,8 @@ def toggle_list(value: Any, where: str) -> tuple[Factor, ...]:
         if key.startswith("fixes") or key not in cfg.field_names():
             known = [k for k in cfg.field_names() if not k.startswith("fixes.")]
             raise unknown("toggled config key (fixes go under 'fixes')", key, known, where)
-        if key in ("seed", "epochs"):
-            raise UserError(f"{where}: {key} cannot be toggled ({'seeds' if key == 'seed' else 'a budget'})")
+        if key == "seed":
+            raise UserError(f"{where}: seed cannot be toggled (the ablation sets it from 'seeds')")
         if not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]:
             raise UserError(f"{where}: {key} needs two different values [off, on], got {pair!r}")
         off, on = (cfg.to_flat(cfg.apply(cfg.Config(), {key: v}, where=f"{where}.{key}"))[key] for v in pair)

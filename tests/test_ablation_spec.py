@@ -217,3 +217,21 @@ def test_cli_toggle_builds_a_one_factor_ablation_without_its_default_budget_clas
     assert [(f.key, f.off, f.on) for f in built.factors] == [("bits", 16, 64), ("optimizer", "sgd", "adam")]
     with pytest.raises(UserError, match=r"config key 'bits' is both toggled and held fixed \(in --set\)"):
         spec_from_args(build_parser().parse_args(["--toggle", "bits=16,64", "--set", "bits=32"]))
+
+
+def test_a_config_file_is_the_base_whose_switched_keys_take_the_factors_values(tmp_path) -> None:
+    from agch.cli.ablate import build_parser, spec_from_args
+
+    base = tmp_path / "base.yaml"
+    base.write_text("bits: 32\nfeature_norm: standardize\nfixes.alignment: true\n")
+    built = spec_from_args(build_parser().parse_args(["--config", str(base), "--toggle", "bits=16,64",
+                                                      "--fix", "alignment"]))
+    plan = build_plan(built, DS)
+    by_name = {c.factor: c for c in plan.comparisons}
+    bits = [(plan.cells[on].config.bits, plan.cells[off].config.bits)
+            for on, off in zip(by_name["bits"].on, by_name["bits"].off)]
+    assert bits == [(64, 16)]  # one-fix: each factor on vs off, the others as the base (the file) has them
+    alignment = [(plan.cells[on].config, plan.cells[off].config)
+                 for on, off in zip(by_name["alignment"].on, by_name["alignment"].off)]
+    assert [(a.fixes.alignment, b.fixes.alignment, a.bits) for a, b in alignment] == [(True, False, 32)]
+    assert {c.config.feature_norm for c in plan.cells.values()} == {"standardize"}

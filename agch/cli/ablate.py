@@ -20,7 +20,8 @@ EPILOG = """examples:
   agch-ablate --toggle feature_norm=none,standardize --data wiki.h5   # any config key between two values
 
 --fix NAME toggles a fix (the ablation's subject); --fix NAME=on|off holds one fixed in every cell.
---toggle KEY=OFF,ON switches any other config key between two values, like a fix.
+--toggle KEY=OFF,ON switches any other config key between two values, like a fix. A --config file is the
+base: a key it sets that is also switched takes the factor's values in every cell.
 A cell × seed already recorded in the tracking store (same config identity, seed and dataset) is reused."""
 
 
@@ -83,7 +84,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     sources = [(spec.overrides, where), (config_overrides, str(args.config)),
                (parse_pairs(args.overrides, "--set"), "--set"), (held, "--fix NAME=on|off")]
     for overrides, source in sources:
-        check_not_fixed(spec.factors, overrides, source)
+        if source != str(args.config):  # a --config file is a base: the factors' own values replace its keys
+            check_not_fixed(spec.factors, overrides, source)
     overrides = {k: v for o, _ in sources for k, v in o.items()}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
