@@ -55,3 +55,10 @@ def test_flat_round_trip_and_identity():
     assert cfg.identity(c) == cfg.identity(cfg.apply(c, {"eval_every": 7}))  # not scientific
     assert cfg.identity(c) != cfg.identity(cfg.apply(c, {"seed": 4}))
     assert cfg.identity(c, dataset="a") != cfg.identity(c, dataset="b")
+
+
+def test_real_features_preset_is_the_paper_with_the_learning_settings():
+    paper, real = cfg.preset("paper"), cfg.preset("real-features")
+    assert (real.feature_norm, real.optimizer, real.image_hidden) == ("standardize", "adam", 256)
+    assert real.fixes == paper.fixes and real.rho == paper.rho and real.bits == paper.bits
+    assert set(cfg.PRESETS) == {"paper", "debug-log", "real-features"}
