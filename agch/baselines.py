@@ -13,6 +13,8 @@ k-d canonical space.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import TYPE_CHECKING
 
@@ -35,28 +37,36 @@ RIDGES = (1e-3, 0.01, 0.1, 0.3, 1.0, 3.0, 10.0)
 ITQ_ITERATIONS = 50
 
 
-def ridge_covariance(x: np.ndarray, ridge: float) -> np.ndarray:
-    """x'x / n plus `ridge` times the mean variance on the diagonal (x centred)."""
-    cov = x.T @ x / len(x)
-    cov[np.diag_indices_from(cov)] += ridge * np.trace(cov) / len(cov)
-    return cov
+def _moments(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Covariances x'x, y'y and cross-covariance x'y of centred x (n, dx), y (n, dy), divided by n."""
+    n = len(x)
+    return x.T @ x / n, y.T @ y / n, x.T @ y / n
+
+
+def _with_ridge(cov: np.ndarray, ridge: float) -> np.ndarray:
+    """A copy of `cov` plus `ridge` times its mean variance on the diagonal."""
+    out = cov.copy()
+    out[np.diag_indices_from(out)] += ridge * np.trace(cov) / len(cov)
+    return out
 
 
 def cca(x: np.ndarray, y: np.ndarray, dim: int, ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ridge CCA of centred x (n, dx), y (n, dy): projections (dx, dim), (dy, dim) and the canonical correlations.
+    """Ridge CCA of centred x (n, dx), y (n, dy): projections (dx, dim), (dy, dim) and the canonical correlations."""
+    return _cca(*_moments(x, y), dim, ridge)
 
-    Whitening by Cholesky factors (C = L L') gives the same canonical directions as C^-1/2 at a fraction of the
-    cost of an eigendecomposition of a 4096 x 4096 covariance; the top singular pairs of the whitened
-    cross-covariance M come from the eigenvectors of M'M (dy x dy). dim <= min(dx, dy).
-    """
-    lx = scipy.linalg.cholesky(ridge_covariance(x, ridge), lower=True)
-    ly = scipy.linalg.cholesky(ridge_covariance(y, ridge), lower=True)
-    cross = x.T @ y / len(x)  # (dx, dy)
-    whitened = scipy.linalg.solve_triangular(ly, scipy.linalg.solve_triangular(lx, cross, lower=True).T,
-                                             lower=True).T  # Lx^-1 Cxy Ly^-T, (dx, dy)
-    if whitened.shape[1] > whitened.shape[0]:  # the eigenproblem on the smaller side
-        wy, wx, corr = cca(y, x, dim, ridge)
+
+def _cca(cxx: np.ndarray, cyy: np.ndarray, cxy: np.ndarray, dim: int,
+         ridge: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CCA from the moments. Whitening by Cholesky factors (C = L L') gives the same canonical directions as C^-1/2
+    at a fraction of the cost of an eigendecomposition of a 4096 x 4096 covariance; the top singular pairs of the
+    whitened cross-covariance M come from the eigenvectors of M'M on its smaller side. dim <= min(dx, dy)."""
+    if cxy.shape[1] > cxy.shape[0]:  # the eigenproblem on the smaller side
+        wy, wx, corr = _cca(cyy, cxx, cxy.T, dim, ridge)
         return wx, wy, corr
+    lx = scipy.linalg.cholesky(_with_ridge(cxx, ridge), lower=True)
+    ly = scipy.linalg.cholesky(_with_ridge(cyy, ridge), lower=True)
+    whitened = scipy.linalg.solve_triangular(ly, scipy.linalg.solve_triangular(lx, cxy, lower=True).T,
+                                             lower=True).T  # Lx^-1 Cxy Ly^-T, (dx, dy)
     squared, v = scipy.linalg.eigh(whitened.T @ whitened,
                                    subset_by_index=[whitened.shape[1] - dim, whitened.shape[1] - 1])
     squared, v = squared[::-1], v[:, ::-1]  # descending
@@ -71,10 +81,11 @@ def choose_ridge(x: np.ndarray, y: np.ndarray, dim: int, candidates: tuple[float
     """The ridge with the highest mean held-out canonical correlation (fit on the first 80% of the pairs,
     correlate the projections of the rest): label-free, as an unsupervised baseline must be."""
     cut = 4 * len(x) // 5
+    mean_x, mean_y = x[:cut].mean(axis=0), y[:cut].mean(axis=0)
+    moments = _moments(x[:cut] - mean_x, y[:cut] - mean_y)  # once for every candidate
     held_out = {}
     for ridge in candidates:
-        mean_x, mean_y = x[:cut].mean(axis=0), y[:cut].mean(axis=0)
-        wx, wy, _ = cca(x[:cut] - mean_x, y[:cut] - mean_y, dim, ridge)
+        wx, wy, _ = _cca(*moments, dim, ridge)
         px, py = (x[cut:] - mean_x) @ wx, (y[cut:] - mean_y) @ wy
         held_out[ridge] = float(np.mean([np.corrcoef(px[:, i], py[:, i])[0, 1] for i in range(dim)]))
     return max(held_out, key=held_out.get)
@@ -128,13 +139,31 @@ def cca_itq(config: Config, data: Dataset) -> TrainResult:
                        seconds=time.perf_counter() - started, device="cpu", codes=out, curves=curves)
 
 
+REFERENCE_VERSION = 1
+"""Part of the reference cache's key: bumped whenever cca_itq or random_reference compute something else."""
+
+
 def reference_scores(config: Config, data: Dataset) -> dict[str, float]:
     """Random ranking and CCA+ITQ on config.eval_split's queries at config.bits: what a search or an ablation shows
-    beside its trials. Keys: random_map{k}, random_mapall, cca_itq_map{k}_i2t, ..., cca_itq_mapall_mean."""
+    beside its trials. Keys: random_map{k}, random_mapall, cca_itq_map{k}_i2t, ..., cca_itq_mapall_mean.
+
+    Cached under <AGCH home>/references/ by dataset identity and the settings that matter (CCA on 4096-d
+    features takes ~30 s on 2 cores; a resumed search or a second ablation on the same data need not pay it again).
+    """
+    from agch.paths import home
+
     k = config.topk
+    key = json.dumps([REFERENCE_VERSION, data.identity, config.bits, k, config.eval_split, config.seed, RIDGES,
+                      ITQ_ITERATIONS])
+    path = home() / "references" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
     keys = [f"{stat}_{d}" for stat in (f"map{k}", "mapall") for d in ("i2t", "t2i", "mean")]
     cca_metrics = cca_itq(config, data).metrics
-    return {**random_reference(config, data), **{f"cca_itq_{key}": cca_metrics[key] for key in keys}}
+    scores = {**random_reference(config, data), **{f"cca_itq_{key}": cca_metrics[key] for key in keys}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(scores))
+    return scores
 
 
 def describe_references(scores: dict[str, float], k: int) -> str:

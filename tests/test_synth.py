@@ -103,14 +103,17 @@ def test_image_features_look_like_fc7(tiny: Path) -> None:
 
 def test_image_features_carry_label_signal_but_are_not_an_oracle() -> None:
     labels = draw_labels(3000, seed=1)
-    features = {signal: SyntheticImageFeatures(labels, seed=1, model=ImageModel(dim=256, signal=signal))[:]
-                for signal in (0.0, DEFAULT_IMAGE_SIGNAL, 0.2)}
-    gaps = [cosine_gap(x, labels) for x in features.values()]
-    # no signal: a gap at the level of chance alignments (~2e-4); the calibrated default is weak but visible
-    assert abs(gaps[0]) < 5e-4 and gaps[1] > gaps[0] + 4e-4 and gaps[2] > 10 * gaps[1], gaps
+    model = lambda **kw: ImageModel(dim=256, **kw)  # noqa: E731
+    features = {"none": SyntheticImageFeatures(labels, seed=1, model=model(signal=0.0))[:],
+                "default": SyntheticImageFeatures(labels, seed=1, model=model())[:],
+                "one mode": SyntheticImageFeatures(labels, seed=1, model=model(n_modes=1))[:]}
+    gaps = {name: cosine_gap(x, labels) for name, x in features.items()}
+    # no signal: a gap at the level of chance alignments (~2e-4); the default's is clear, but its label information
+    # is split over several visual modes per label, which a cosine (a linear view) only partly sees
+    assert abs(gaps["none"]) < 5e-4 and gaps["default"] > 0.01 and gaps["one mode"] > 3 * gaps["default"], gaps
     chance = random_ranking_map(torch.from_numpy(labels[:300]), torch.from_numpy(labels[300:]), ks=(50,))["map@50"]
-    image = cosine_map50(features[DEFAULT_IMAGE_SIGNAL], labels, 300)
-    assert image < chance + 0.1, (chance, image)
+    image = cosine_map50(features["default"], labels, 300)
+    assert chance + 0.15 < image < 0.95, (chance, image)
 
 
 def test_image_rows_do_not_depend_on_slicing() -> None:
