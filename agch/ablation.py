@@ -410,7 +410,9 @@ def report_notes(run: AblationRun) -> list[str]:
 
     n = len(run.plan.spec.seeds)
     notes = [f"verdict: the {CONFIDENCE:.0%} t interval of the paired difference excludes 0 ('helps' above, 'hurts' "
-             f"below); one verdict per row, not corrected for the {len(run.plan.comparisons) * 4} rows of this table"]
+             f"below); one verdict per row, not corrected for the {len(run.plan.comparisons) * 4} rows of this table",
+             "a difference that is the same at every seed has no t interval; the exact signed-rank test decides it "
+             "('undecided' while its smallest possible p, 2 / 2^seeds, is not below 0.05)"]
     if n < 2:
         notes.append(f"{n} seed: no verdict is possible; pass --seeds 2 or more ({DEFAULT_SEEDS} recommended)")
     else:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import textwrap
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,8 +67,12 @@ def min_wilcoxon_p(n: int) -> float:
     return min(1.0, 2.0 / 2.0 ** n) if n > 0 else 1.0
 
 
+SAME_SHIFT_TOLERANCE = 1e-9
+"""Paired differences that all lie within this of each other are one shift repeated at every seed."""
+
+
 def verdict_of(n: int, ci_low: float, ci_high: float, higher_is_better: bool = True) -> str:
-    """'helps' / 'hurts' when the interval excludes 0, else 'no detectable effect at n seeds'."""
+    """'helps' / 'hurts' when the t interval excludes 0, else 'no detectable effect at n seeds'."""
     if n < 2:
         return f"no verdict possible ({n} seed{'s' if n != 1 else ''}; need >= 2)"
     if ci_low > 0 or ci_high < 0:
@@ -82,7 +85,13 @@ def paired_compare(on: Sequence[float], off: Sequence[float], *, higher_is_bette
                    confidence: float = CONFIDENCE) -> PairedResult:
     """Compare two arms measured on the same seeds (on[i] and off[i] share seed i).
 
-    Pairs where either value is missing or not finite (a failed run) are dropped before testing.
+    Pairs where either value is missing or not finite (a failed run) are dropped before testing. The interval and
+    the t p-value are scipy's `ttest_rel`; the signed-rank p is scipy's exact `wilcoxon` (zero differences dropped).
+
+    The degenerate case: when every seed moved by the same amount (collapsed codes make identical differences
+    likely), the t interval has zero width and says nothing about the seed-to-seed spread, so it is not used (NaN).
+    The verdict then rests on the exact signed-rank test, whose p cannot go below 2 / 2^n: a shift repeated at
+    n >= 6 seeds is a verdict; at fewer seeds it is reported as 'undecided', never as 'helps' with p = 0.
 
     Args:
         on: the metric with the fix on, one value per seed.
@@ -108,29 +117,36 @@ def paired_compare(on: Sequence[float], off: Sequence[float], *, higher_is_bette
     d = a - b
     diff_mean = float(d.mean()) if n else math.nan
     ci_low = ci_high = p_t = p_w = math.nan
-    if n >= 2:
-        sd = float(d.std(ddof=1))
-        if sd == 0.0:
-            # Every seed moved by exactly the same amount: a zero-width interval; the tests are degenerate.
-            ci_low = ci_high = diff_mean
-            p_t = p_w = 1.0 if diff_mean == 0.0 else 0.0
-        else:
-            half = sps.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
-            ci_low, ci_high = diff_mean - half, diff_mean + half
-            p_t = float(2 * sps.t.sf(abs(diff_mean / (sd / math.sqrt(n))), n - 1))
-            p_w = _wilcoxon(d)
+    verdict = verdict_of(n, ci_low, ci_high, higher_is_better)
+    if n >= 2 and float(np.ptp(d)) <= SAME_SHIFT_TOLERANCE:
+        p_w = 1.0 if diff_mean == 0.0 else min_wilcoxon_p(n)  # every difference has the same sign and rank
+        verdict = _same_shift_verdict(n, diff_mean, p_w, 1 - confidence, higher_is_better)
+    elif n >= 2:
+        test = sps.ttest_rel(a, b)
+        ci = test.confidence_interval(confidence)
+        ci_low, ci_high, p_t = float(ci.low), float(ci.high), float(test.pvalue)
+        p_w = _wilcoxon(d)
+        verdict = verdict_of(n, ci_low, ci_high, higher_is_better)
     return PairedResult(n=n, on=summarize(a), off=summarize(b), diff_mean=diff_mean, ci_low=ci_low,
-                        ci_high=ci_high, p_t=p_t, p_wilcoxon=p_w,
-                        verdict=verdict_of(n, ci_low, ci_high, higher_is_better))
+                        ci_high=ci_high, p_t=p_t, p_wilcoxon=p_w, verdict=verdict)
+
+
+def _same_shift_verdict(n: int, shift: float, p: float, alpha: float, higher_is_better: bool) -> str:
+    """The verdict of a difference repeated at every seed, decided by the exact signed-rank test."""
+    if shift == 0.0:
+        return f"no effect: identical at all {n} seeds"
+    if p < alpha:
+        return ("helps" if (shift > 0) == higher_is_better else "hurts") + f" (the same {shift:+.4f} at every seed)"
+    return (f"undecided: the same {shift:+.4f} at every seed; with {n} seeds the exact signed-rank p cannot go below "
+            f"{min_wilcoxon_p(n):.3f}")
 
 
 def _wilcoxon(d: np.ndarray) -> float:
-    """Two-sided signed-rank p; 1.0 when every difference is zero (nothing to rank)."""
-    if not np.any(d != 0):
+    """Two-sided exact signed-rank p (zero differences dropped); 1.0 when every difference is zero."""
+    nonzero = d[d != 0]
+    if len(nonzero) == 0:
         return 1.0
-    with warnings.catch_warnings():  # scipy warns that small n with ties falls back to the normal approximation
-        warnings.simplefilter("ignore")
-        return float(sps.wilcoxon(d, zero_method="wilcox", alternative="two-sided").pvalue)
+    return float(sps.wilcoxon(nonzero, alternative="two-sided", method="exact").pvalue)
 
 
 def _finite(value: float | None) -> bool:
@@ -206,7 +222,7 @@ def effect_plot(panels: dict[str, list[tuple[str, PairedResult]]], title: str) -
     for ax, (label, entries) in zip(axes, panels.items()):
         ys = list(range(len(entries)))[::-1]
         for y, (_, r) in zip(ys, entries):
-            color = {"helps": "tab:green", "hurts": "tab:red"}.get(r.verdict, "tab:gray")
+            color = {"helps": "tab:green", "hurts": "tab:red"}.get(r.verdict.split(" ")[0], "tab:gray")
             err = None if math.isnan(r.ci_low) else [[r.diff_mean - r.ci_low], [r.ci_high - r.diff_mean]]
             ax.errorbar([r.diff_mean], [y], xerr=err, fmt="o", color=color, capsize=3)
         ax.axvline(0.0, color="black", linewidth=0.8)

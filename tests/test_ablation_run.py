@@ -106,7 +106,7 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     assert broken["verdict"] == "hurts" and float(broken["ci_high"]) < 0, out
     for metric in ("mAP@50 I->T", "mAP@50 T->I", "mAP@ALL I->T", "mAP@ALL T->I"):
         same = rows[("alignment", metric)]
-        assert same["verdict"] == f"no detectable effect at {SEEDS} seeds" and float(same["diff_mean"]) == 0.0
+        assert same["verdict"] == f"no effect: identical at all {SEEDS} seeds" and float(same["diff_mean"]) == 0.0
     assert {r["bits"] for r in table} == {"32"} and {r["split"] for r in table} == {"standard"}
 
     # One nested run per cell × seed, each with the full flat config as params and its identity tag.

@@ -57,9 +57,22 @@ def test_hurts_and_no_effect() -> None:
 def test_identical_arms_have_no_detectable_effect() -> None:
     values = [0.61, 0.64, 0.66, 0.60, 0.62]
     r = paired_compare(values, list(values))
-    assert r.diff_mean == 0.0 and (r.ci_low, r.ci_high) == (0.0, 0.0)
-    assert r.p_t == 1.0 and r.p_wilcoxon == 1.0
-    assert r.verdict == "no detectable effect at 5 seeds"
+    assert r.diff_mean == 0.0 and math.isnan(r.ci_low) and math.isnan(r.p_t) and r.p_wilcoxon == 1.0
+    assert r.verdict == "no effect: identical at all 5 seeds"
+
+
+def test_the_same_shift_at_every_seed_is_not_significant_at_two_seeds() -> None:
+    """Every seed moved by the same amount: the t interval has zero width, so the exact signed-rank test decides,
+    and its p cannot go below 2 / 2^n (0.5 at 2 seeds, 0.0625 at 5, 0.031 at 6)."""
+    two = paired_compare([0.60, 0.60], [0.50, 0.50])
+    assert two.p_wilcoxon == pytest.approx(0.5) and math.isnan(two.p_t) and math.isnan(two.ci_low)
+    assert two.verdict == "undecided: the same +0.1000 at every seed; with 2 seeds the exact signed-rank p cannot go " \
+                          "below 0.500"
+    # rounding makes the 'same' difference differ in the last bits; it is still one shift
+    five = paired_compare([0.6, 0.7, 0.8, 0.9, 1.0], [0.5, 0.6, 0.7, 0.8, 0.9])
+    assert five.verdict.startswith("undecided") and five.p_wilcoxon == pytest.approx(0.0625)
+    six = paired_compare([0.5] * 6, [0.6] * 6)
+    assert six.verdict == "hurts (the same -0.1000 at every seed)" and six.p_wilcoxon == pytest.approx(2 / 64)
 
 
 def test_one_seed_runs_but_gives_no_verdict() -> None:
