@@ -1,7 +1,7 @@
 """The one config type: the paper's MIRFlickr-25K settings, named presets as deltas, the log's fixes as switches.
 
 Every field has one line of documentation. Search and ablation only ever produce `Config`s; the trainer only
-ever reads them. Parameter names follow the paper (agch-method.md): `delta` is the GCN-loss weight δ,
+ever reads them. Parameter names follow the paper (docs/method.md): `delta` is the GCN-loss weight δ,
 `gamma_v`/`gamma_t` the modality weights γ_v/γ_t of the similarity, `lam` the inter-modal alignment weight λ.
 """
 
@@ -14,12 +14,12 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from agch.errors import UserError, unknown
+from agch.errors import UserError, need, unknown
 
 
 @dataclass(frozen=True)
 class Fixes:
-    """The debugging log's five fixes (agch-method.md), each one switch the ablation toggles.
+    """The debugging log's five fixes (docs/trainer.md), each one switch the ablation toggles.
 
     The "off" side of each switch is the log's starting reimplementation; "on" is what the log changed to.
     """
@@ -276,34 +276,28 @@ def preset(name: str) -> Config:
 
 def validate(config: Config, where: str = "") -> None:
     """Raise UserError for values outside their allowed range."""
-    loc = f"{where}: " if where else ""
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise UserError(loc + message)
-
-    need(4 <= config.bits <= 1024, f"bits must be in [4, 1024], got {config.bits}")
-    need(config.epochs >= 1, f"epochs must be >= 1, got {config.epochs}")
-    need(config.batch_size >= 2, f"batch_size must be >= 2 (S needs pairs), got {config.batch_size}")
-    need(config.eval_every >= 1, f"eval_every must be >= 1, got {config.eval_every}")
-    need(config.topk >= 1, f"topk must be >= 1, got {config.topk}")
-    need(config.rho > 0, f"rho must be > 0, got {config.rho}")
-    need(0.0 <= config.sim_mix <= 1.0, f"sim_mix must be in [0, 1], got {config.sim_mix}")
-    need(config.image_hidden >= 0, f"image_hidden must be >= 0, got {config.image_hidden}")
-    need(config.text_hidden >= 1 and config.gcn_hidden >= 1, "text_hidden and gcn_hidden must be >= 1")
-    need(1 <= config.gcn_layers <= 8, f"gcn_layers must be in [1, 8], got {config.gcn_layers}")
-    need(0.0 <= config.momentum < 1.0, f"momentum must be in [0, 1), got {config.momentum}")
+    need(4 <= config.bits <= 1024, where, f"bits must be in [4, 1024], got {config.bits}")
+    need(config.epochs >= 1, where, f"epochs must be >= 1, got {config.epochs}")
+    need(config.batch_size >= 2, where, f"batch_size must be >= 2 (S needs pairs), got {config.batch_size}")
+    need(config.eval_every >= 1, where, f"eval_every must be >= 1, got {config.eval_every}")
+    need(config.topk >= 1, where, f"topk must be >= 1, got {config.topk}")
+    need(config.rho > 0, where, f"rho must be > 0, got {config.rho}")
+    need(0.0 <= config.sim_mix <= 1.0, where, f"sim_mix must be in [0, 1], got {config.sim_mix}")
+    need(config.image_hidden >= 0, where, f"image_hidden must be >= 0, got {config.image_hidden}")
+    need(config.text_hidden >= 1 and config.gcn_hidden >= 1, where, "text_hidden and gcn_hidden must be >= 1")
+    need(1 <= config.gcn_layers <= 8, where, f"gcn_layers must be in [1, 8], got {config.gcn_layers}")
+    need(0.0 <= config.momentum < 1.0, where, f"momentum must be in [0, 1), got {config.momentum}")
     for name in ("gamma_v", "gamma_t", "alpha", "beta", "lam", "delta", "align_weight", "quant_weight",
                  "balance_weight", "weight_decay"):
         value = getattr(config, name)
-        need(math.isfinite(value) and value >= 0, f"{name} must be a finite number >= 0, got {value}")
-    need(config.gamma_v + config.gamma_t > 0, "gamma_v and gamma_t cannot both be 0")
+        need(math.isfinite(value) and value >= 0, where, f"{name} must be a finite number >= 0, got {value}")
+    need(config.gamma_v + config.gamma_t > 0, where, "gamma_v and gamma_t cannot both be 0")
     for name in ("lr_image", "lr_text", "lr_gcn", "lr_fusion"):
         value = getattr(config, name)
-        need(math.isfinite(value) and value > 0, f"{name} must be a finite number > 0, got {value}")
+        need(math.isfinite(value) and value > 0, where, f"{name} must be a finite number > 0, got {value}")
     for name, allowed in CHOICES.items():
         value = getattr(config, name)
-        need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        need(value in allowed, where, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
 
 
 def to_flat(config: Config) -> dict[str, Any]:

@@ -29,6 +29,6 @@ def unknown(kind: str, name: str, known: Iterable[str], where: str = "") -> User
 
 
 def need(ok: bool, where: str, message: str) -> None:
-    """Raise UserError('where: message') unless ok."""
+    """Raise UserError('where: message') (just the message when `where` is empty) unless ok."""
     if not ok:
-        raise UserError(f"{where}: {message}")
+        raise UserError(f"{where}: {message}" if where else message)

@@ -195,7 +195,7 @@ def import_mat(files: Sequence[str | os.PathLike], out: str | os.PathLike, *, im
             train = np.arange(n_tr)
             given = Split(query=np.arange(n_tr, n), retrieval=train, train=train)
         chosen = make_split(split, n, seed=split_seed, n_query=n_query, n_train=n_train, given=given)
-        digests = {mat.path: _sha256(mat.path) for part in parts for mat, _, _ in part}
+        digests = {mat.path: file_sha256(mat.path) for part in parts for mat, _, _ in part}
         image_mat, image_key_used = parts[0][0][:2]
         meta = {
             "name": name or _default_name([mat.path for mat in mats]),
@@ -329,12 +329,10 @@ def _attr_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, as recorded in a dataset's source_files."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _default_name(paths: Sequence[Path]) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agch.errors import UserError, unknown
+from agch.errors import UserError, need, unknown
 
 SPLIT_PROTOCOLS = ("standard", "ucch", "file-order", "given")
 SEEDED_PROTOCOLS = ("standard",)
@@ -65,8 +65,8 @@ def make_split(protocol: str, n: int, *, seed: int = 0, n_query: int = 2000, n_t
     if protocol not in SPLIT_PROTOCOLS:
         raise unknown("split protocol", protocol, SPLIT_PROTOCOLS)
     if protocol == "standard":
-        _require(1 <= n_query < n, f"standard split: n_query = {n_query} must be at least 1 and below n = {n}")
-        _require(1 <= n_train <= n - n_query,
+        need(1 <= n_query < n, "", f"standard split: n_query = {n_query} must be at least 1 and below n = {n}")
+        need(1 <= n_train <= n - n_query, "",
                  f"standard split: n_train = {n_train} must be between 1 and the {n - n_query} rows left after "
                  f"{n_query} queries (n = {n})")
         rng = np.random.default_rng(seed)
@@ -75,18 +75,18 @@ def make_split(protocol: str, n: int, *, seed: int = 0, n_query: int = 2000, n_t
         train = np.sort(rng.choice(retrieval, size=n_train, replace=False))
         return _split(query, retrieval, train)
     if protocol == "ucch":
-        _require(1 <= n_query < n, f"ucch split: n_query = {n_query} must be at least 1 and below n = {n}")
+        need(1 <= n_query < n, "", f"ucch split: n_query = {n_query} must be at least 1 and below n = {n}")
         rest = np.arange(n - n_query)
         return _split(np.arange(n - n_query, n), rest, rest)
     if protocol == "file-order":
         a, b = 45 * n // 100, 90 * n // 100
-        _require(0 < a < b < n, f"file-order split: n = {n} is too small for 45% / 45% / 10% parts")
+        need(0 < a < b < n, "", f"file-order split: n = {n} is too small for 45% / 45% / 10% parts")
         return _split(np.arange(b, n), np.arange(a, b), np.arange(a))
     if given is None:
         raise UserError("split protocol 'given' needs the split stored in the source file "
                         "(import with --train-keys and --test-keys)")
     top = max((int(part.max()) for part in (given.query, given.retrieval, given.train) if len(part)), default=-1)
-    _require(top < n, f"given split refers to row {top} but there are only n = {n} rows")
+    need(top < n, "", f"given split refers to row {top} but there are only n = {n} rows")
     return _split(given.query, given.retrieval, given.train)
 
 
@@ -125,8 +125,3 @@ def evaluation_split(split: Split, eval_split: str) -> Split:
 
 def _split(query: np.ndarray, retrieval: np.ndarray, train: np.ndarray) -> Split:
     return Split(*(np.asarray(part, dtype=np.int64) for part in (query, retrieval, train)))
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise UserError(message)

@@ -8,7 +8,6 @@ does not change when another part's generator changes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from scipy.special import ndtri
 
 from agch.data import write_dataset
 from agch.errors import UserError
-from agch.importers import read_mat_array
+from agch.importers import file_sha256, read_mat_array
 from agch.splits import make_split, recorded_seed
 
 SYNTH_VERSION = 2
@@ -376,7 +375,7 @@ def _real_parts(labels_path: Path, tags_path: Path, seed: int) -> tuple[np.ndarr
     if labels.shape[0] != text.shape[0]:
         raise UserError(f"{labels_path} has {labels.shape[0]} rows but {tags_path} has {text.shape[0]}; "
                         f"row i of both must be the same pair")
-    source_files = [{"path": str(path.resolve()), "sha256": _sha256(path), "key": key} for path, key in sources]
+    source_files = [{"path": str(path.resolve()), "sha256": file_sha256(path), "key": key} for path, key in sources]
     return labels.astype(np.uint8), text, {"name": f"{labels_path.stem}+real-tags+synthetic-images-seed{seed}",
                                            "source_files": source_files, "synthetic": {}}
 
@@ -398,8 +397,3 @@ def _synthetic_parts(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     }
     name = f"mirflickr-like-synthetic-seed{seed}" + ("" if n == MIRFLICKR_N else f"-n{n}")
     return labels, draw_tags(labels, seed, tag_model), {"name": name, "source_files": [], "synthetic": synthetic}
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()

@@ -107,7 +107,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def protocol_of(config: Config, data: Dataset) -> dict[str, Any]:
-    """What every reported mAP means (protocol.md): logged beside every figure."""
+    """What every reported mAP means (docs/protocol.md): logged beside every figure."""
     split = evaluation_split(data.split, config.eval_split)
     return {
         "metrics": f"mAP@{config.topk} and mAP@ALL, Hamming ranking, relevance = >=1 shared label, ties by index",

@@ -62,3 +62,13 @@ def test_real_features_preset_is_the_paper_with_the_learning_settings():
     assert (real.feature_norm, real.optimizer, real.image_hidden) == ("standardize", "adam", 256)
     assert real.fixes == paper.fixes and real.rho == paper.rho and real.bits == paper.bits
     assert set(cfg.PRESETS) == {"paper", "debug-log", "real-features"}
+
+
+def test_the_python_the_project_declares_is_the_one_it_needs_and_runs_on():
+    """hashlib.file_digest (agch.importers.file_sha256) needs 3.11; pyproject must not promise less."""
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert declared.split("#")[0].strip() == ">=3.11" and sys.version_info >= (3, 11)

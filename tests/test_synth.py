@@ -17,7 +17,7 @@ from tests.conftest import SHARED_DATA
 from agch.data import open_dataset, shared_label_rate
 from agch.errors import UserError
 from agch.metrics import map_at_k, random_ranking_map, relevance
-from agch.synth import (DEFAULT_IMAGE_SIGNAL, MIRFLICKR_LABEL_COUNTS, MIRFLICKR_LABELS_PER_ITEM, MIRFLICKR_N,
+from agch.synth import (MIRFLICKR_LABEL_COUNTS, MIRFLICKR_LABELS_PER_ITEM, MIRFLICKR_N,
                         MIRFLICKR_SHARED_LABEL_RATE, MIRFLICKR_TAG_DIM, MIRFLICKR_TAGS_PER_ITEM, SYNTH_VERSION,
                         ImageModel, SyntheticImageFeatures, build_synthetic_dataset, draw_labels, draw_tags)
 

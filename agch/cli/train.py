@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe(metrics: dict[str, float], protocol: dict, k: int) -> str:
-    """The headline figures with their full protocol (protocol.md)."""
+    """The headline figures with their full protocol (docs/protocol.md)."""
     from agch.train import describe_protocol
 
     return (f"mAP@{k}: I->T {metrics[f'map{k}_i2t']:.4f}  T->I {metrics[f'map{k}_t2i']:.4f} | "
