@@ -330,21 +330,20 @@ class SyntheticImageFeatures:
 
 
 def build_synthetic_dataset(out: Path, *, seed: int = 0, labels_path: Path | None = None,
-                            tags_path: Path | None = None, n: int | None = None, image_dim: int = 4096,
-                            split: str = "standard", split_seed: int = 0, n_query: int = 2000,
-                            n_train: int = 5000, image_signal: float = DEFAULT_IMAGE_SIGNAL) -> Path:
+                            tags_path: Path | None = None, n: int | None = None,
+                            image: ImageModel = ImageModel(), split: str = "standard", split_seed: int = 0,
+                            n_query: int = 2000, n_train: int = 5000) -> Path:
     """Write a synthetic dataset file; returns its path.
 
     Without labels_path/tags_path: the fully synthetic MIRFlickr-like set (n items, default 20,015; 24
-    labels; 1,386-d tags; image_dim-d fc7-like features). With both (.mat files, keys LAll / YAll): the real
+    labels; 1,386-d tags; image.dim-d fc7-like features). With both (.mat files, keys LAll / YAll): the real
     labels and tags, unchanged, plus synthetic image features drawn from the real labels. Same arguments ->
     byte-identical arrays and content_sha256.
 
     Example:
-        >>> path = build_synthetic_dataset(Path("tiny.h5"), n=600, image_dim=256, n_query=100,
+        >>> path = build_synthetic_dataset(Path("tiny.h5"), n=600, image=ImageModel(dim=256), n_query=100,
         ...                                n_train=300)  # doctest: +SKIP
     """
-    image_model = ImageModel(dim=image_dim, signal=image_signal)
     if (labels_path is None) != (tags_path is None):
         raise UserError("give both labels_path and tags_path (real labels + real tags + synthetic images), "
                         "or neither (fully synthetic)")
@@ -355,16 +354,16 @@ def build_synthetic_dataset(out: Path, *, seed: int = 0, labels_path: Path | Non
     else:
         labels, text, meta = _synthetic_parts(MIRFLICKR_N if n is None else n, seed)
     meta["synthetic"]["image"] = _describe(
-        "agch.synth.SyntheticImageFeatures", seed, image_model,
+        "agch.synth.SyntheticImageFeatures", seed, image,
         "fc7-like features from the labels: per-label prototypes (one of several modes, picked by the style) + "
         "style/per-image nuisance in a latent space, "
         "fixed random linear map, per-unit offset + ReLU, gain, multiplicative lognormal noise, float16")
-    if image_signal != DEFAULT_IMAGE_SIGNAL:
-        meta["name"] += f"-signal{image_signal:g}"
+    meta["name"] += "".join(f"-{key}{value:g}" for key, value in asdict(image).items()
+                            if key != "dim" and value != getattr(ImageModel, key))
     row_split = make_split(split, labels.shape[0], seed=split_seed, n_query=n_query, n_train=n_train)
     meta.update(feature_extractor="synthetic (see synthetic)", split_protocol=split,
                 split_seed=recorded_seed(split, split_seed))
-    return write_dataset(out, image=SyntheticImageFeatures(labels, seed, image_model), text=text, labels=labels,
+    return write_dataset(out, image=SyntheticImageFeatures(labels, seed, image), text=text, labels=labels,
                          split=row_split, meta=meta)
 
 

@@ -28,7 +28,7 @@ from agch.config import apply, preset
 from agch.data import Dataset, open_dataset
 from agch.diagnostics import dataset_s_statistics
 from agch.metrics import map_at_k, random_ranking_map, relevance
-from agch.synth import DEFAULT_IMAGE_SIGNAL, build_synthetic_dataset
+from agch.synth import DEFAULT_IMAGE_SIGNAL, ImageModel, build_synthetic_dataset
 
 ANCHOR = {"s_label_corr": 0.29, "s_mean_positive": -0.73, "s_mean_negative": -0.81}
 """The debugging log's S statistics on real MIRFlickr-25K features (debug-log reading, batches of 128)."""
@@ -102,7 +102,8 @@ def main() -> None:
         for signal in args.signals:
             path = build_synthetic_dataset(Path(tmp) / f"standin-{signal:g}.h5", seed=args.seed,
                                            labels_path=args.data_dir / "mirflickr25k-lall.mat",
-                                           tags_path=args.data_dir / "mirflickr25k-yall.mat", image_signal=signal)
+                                           tags_path=args.data_dir / "mirflickr25k-yall.mat",
+                                           image=ImageModel(signal=signal))
             with open_dataset(path) as ds:
                 report(f"real labels + real tags + synthetic images, signal {signal:g}", ds, args)
                 if signal == args.signals[0]:

@@ -7,23 +7,26 @@ from pathlib import Path
 import pytest
 
 from agch import config as cfg
-from agch.synth import build_synthetic_dataset
+from agch.synth import ImageModel, build_synthetic_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # A model small enough that a few epochs take seconds on 2 CPU cores.
 TINY = {"bits": 16, "epochs": 4, "eval_every": 2, "batch_size": 32, "text_hidden": 64, "gcn_hidden": 64}
 
+# Images far easier than the calibrated default (docs/synthetic-data.md): no nuisance, one visual mode per label and
+# 20% active units, so that a few epochs on 300 pairs learn something the tests can tell from chance.
+STRONG_IMAGES = ImageModel(dim=256, signal=1.0, n_modes=1, active_fraction=0.2)
+
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A 600-pair fully synthetic MIRFlickr-like set: 256-d images, 100 queries, 300 training pairs.
 
-    Its image signal is far stronger than the calibrated default (docs/synthetic-data.md), so that a few epochs on
-    300 pairs can learn something the tests can tell from chance.
+    Its images are STRONG_IMAGES, far easier than the calibrated default's.
     """
     path = tmp_path_factory.mktemp("data") / "tiny.h5"
-    return build_synthetic_dataset(path, seed=0, n=600, image_dim=256, n_query=100, n_train=300, image_signal=1.0)
+    return build_synthetic_dataset(path, seed=0, n=600, image=STRONG_IMAGES, n_query=100, n_train=300)
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 One arm is broken on purpose: quantization with quant_weight = 1000 pins every code to the same corner (the
 code diagnostics show it), so it must come out 'hurts'; alignment with align_weight = 0 trains exactly the same
 model as alignment off, so that pair must show no detectable effect. The dataset is the tiny synthetic set with
-image_signal = 1 (no image nuisance), so that 6 epochs learn something the broken arm clearly loses.
+images STRONG_IMAGES (conftest), so that 6 epochs learn something the broken arm clearly loses.
 All tests share this process's Ray session (the runner starts it once).
 """
 
@@ -23,6 +23,7 @@ from agch import config as cfg
 from agch.ablation import analyse, publish, report_tables, run_ablation
 from agch.ablation_plan import build_plan, load_spec
 from agch.cli.ablate import main
+from tests.conftest import STRONG_IMAGES
 
 pytestmark = pytest.mark.slow
 
@@ -58,8 +59,7 @@ def tiny_file(tmp_path_factory) -> Path:
     from agch.synth import build_synthetic_dataset
 
     root = tmp_path_factory.mktemp("ablation-data")
-    data = build_synthetic_dataset(root / "tiny.h5", seed=0, n=600, image_dim=256, n_query=100, n_train=300,
-                                   image_signal=1.0)
+    data = build_synthetic_dataset(root / "tiny.h5", seed=0, n=600, image=STRONG_IMAGES, n_query=100, n_train=300)
     path = root / "tiny.yaml"
     path.write_text(yaml.safe_dump({**TINY_ABLATION, "dataset": str(data)}))
     return path

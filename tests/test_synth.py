@@ -13,16 +13,27 @@ import pytest
 import scipy.io
 import torch
 
-from tests.conftest import SHARED_DATA
 from agch.data import open_dataset, shared_label_rate
 from agch.errors import UserError
 from agch.metrics import map_at_k, random_ranking_map, relevance
-from agch.synth import (MIRFLICKR_LABEL_COUNTS, MIRFLICKR_LABELS_PER_ITEM, MIRFLICKR_N,
-                        MIRFLICKR_SHARED_LABEL_RATE, MIRFLICKR_TAG_DIM, MIRFLICKR_TAGS_PER_ITEM, SYNTH_VERSION,
-                        ImageModel, SyntheticImageFeatures, build_synthetic_dataset, draw_labels, draw_tags)
+from agch.synth import (
+    MIRFLICKR_LABEL_COUNTS,
+    MIRFLICKR_LABELS_PER_ITEM,
+    MIRFLICKR_N,
+    MIRFLICKR_SHARED_LABEL_RATE,
+    MIRFLICKR_TAG_DIM,
+    MIRFLICKR_TAGS_PER_ITEM,
+    SYNTH_VERSION,
+    ImageModel,
+    SyntheticImageFeatures,
+    build_synthetic_dataset,
+    draw_labels,
+    draw_tags,
+)
+from tests.conftest import SHARED_DATA
 
 REAL = SHARED_DATA
-TINY = {"n": 600, "image_dim": 256, "n_query": 100, "n_train": 300}
+TINY = {"n": 600, "image": ImageModel(dim=256), "n_query": 100, "n_train": 300}
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +104,7 @@ def test_image_features_look_like_fc7(tiny: Path) -> None:
         assert ds.stored_dtype("image") == np.float16
         with h5py.File(tiny, "r") as f:
             x = f["image"][:]
-    assert x.dtype == np.float16 and x.shape == (TINY["n"], TINY["image_dim"])
+    assert x.dtype == np.float16 and x.shape == (TINY["n"], TINY["image"].dim)
     assert np.isfinite(x).all() and (x >= 0).all()
     zero = (x == 0).mean()
     assert 0.6 < zero < 0.95, zero
@@ -150,7 +161,7 @@ def test_fully_synthetic_metadata(tiny: Path) -> None:
 def test_real_labels_variant_keeps_real_files_byte_identical(tmp_path: Path) -> None:
     labels_path, tags_path = REAL / "mirflickr25k-lall.mat", REAL / "mirflickr25k-yall.mat"
     path = build_synthetic_dataset(tmp_path / "real.h5", seed=0, labels_path=labels_path, tags_path=tags_path,
-                                   image_dim=32)
+                                   image=ImageModel(dim=32))
     real_labels, real_tags = scipy.io.loadmat(labels_path)["LAll"], scipy.io.loadmat(tags_path)["YAll"]
     with h5py.File(path, "r") as f:
         for key, real in (("labels", real_labels), ("text", real_tags)):
@@ -173,7 +184,7 @@ def test_bad_arguments_are_user_errors(tmp_path: Path) -> None:
         build_synthetic_dataset(tmp_path / "x.h5", labels_path=tmp_path / "a.mat", tags_path=tmp_path / "b.mat",
                                 n=100)
     with pytest.raises(UserError, match=r"signal must be in \[0, 1\]"):
-        build_synthetic_dataset(tmp_path / "x.h5", image_signal=1.5, **TINY)
+        build_synthetic_dataset(tmp_path / "x.h5", image=ImageModel(signal=1.5), n=600)
     assert not (tmp_path / "x.h5").exists()
 
 
@@ -185,8 +196,8 @@ def test_s_statistics_of_a_set_follow_its_label_signal(tmp_path):
 
     found = {}
     for signal in (0.0, 0.9):
-        path = build_synthetic_dataset(tmp_path / f"s{signal}.h5", seed=0, n=800, image_dim=512, n_query=100,
-                                       n_train=400, image_signal=signal)
+        path = build_synthetic_dataset(tmp_path / f"s{signal}.h5", seed=0, n=800, n_query=100, n_train=400,
+                                       image=ImageModel(dim=512, signal=signal))
         with open_dataset(path) as data:
             found[signal] = dataset_s_statistics(data, preset("debug-log"), batches=10)
     assert abs(found[0.0]["s_label_corr"]) < 0.05 < 0.2 < found[0.9]["s_label_corr"]

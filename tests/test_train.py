@@ -179,11 +179,12 @@ def test_same_seed_cuda_runs_give_the_same_codes(tiny_dataset, tiny_config):
 
 
 def test_dimension_mismatch_between_checkpoint_and_data(tiny_dataset, tiny_config, tmp_path):
-    from agch.synth import build_synthetic_dataset
+    from agch.synth import ImageModel, build_synthetic_dataset
 
     saved = {}
     _train(tiny_dataset, tiny_config, callback=lambda r: saved.setdefault("state", r.state()))
-    other = build_synthetic_dataset(tmp_path / "wide.h5", seed=0, n=600, image_dim=128, n_query=100, n_train=300)
+    other = build_synthetic_dataset(tmp_path / "wide.h5", seed=0, n=600, image=ImageModel(dim=128), n_query=100,
+                                    n_train=300)
     with pytest.raises(UserError, match="checkpoint expects image features of dimension 256.*has 128"):
         _train(other, tiny_config, resume=saved["state"])
 

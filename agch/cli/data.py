@@ -52,12 +52,12 @@ def _synth_options(parser: argparse.ArgumentParser) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     if (args.labels is None) != (args.tags is None):
         args.parser.error("--labels and --tags go together (real labels and tags, synthetic image features)")
-    from agch.synth import build_synthetic_dataset
+    from agch.synth import ImageModel, build_synthetic_dataset
 
+    image = ImageModel(dim=args.image_dim, **({} if args.image_signal is None else {"signal": args.image_signal}))
     path = build_synthetic_dataset(args.out, seed=args.seed, labels_path=args.labels, tags_path=args.tags, n=args.n,
-                                   image_dim=args.image_dim, split=args.split, split_seed=args.split_seed,
-                                   n_query=args.n_query, n_train=args.n_train,
-                                   **({} if args.image_signal is None else {"image_signal": args.image_signal}))
+                                   image=image, split=args.split, split_seed=args.split_seed,
+                                   n_query=args.n_query, n_train=args.n_train)
     return _print_info(path, as_json=False)
 
 
