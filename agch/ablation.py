@@ -1,6 +1,7 @@
-"""The ablation driver: reuse of recorded cells, resume, cells × seeds as Ray Tune grids, statistics and report.
+"""The ablation driver: reuse of recorded cells, resume, cells × seeds as Ray Tune grids.
 
-The plan (which cells, which comparisons) comes from agch.ablation_plan; the statistics from agch.stats.
+The plan (which cells, which comparisons) comes from agch.ablation_plan; statistics and report from
+agch.ablation_report.
 """
 
 from __future__ import annotations
@@ -13,23 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from agch import config as cfg
-from agch.ablation_plan import (DEFAULT_SEEDS, AblationSpec, Comparison, Plan, Trial, build_plan, trial_identity,
-                                trial_resources, with_settings)
+from agch.ablation_plan import Plan, Trial, build_plan, trial_identity, with_settings
+from agch.ablation_spec import AblationSpec, trial_resources
 
 
 # ---------------------------------------------------------------- tracking: reuse and resume
 
 
 def completed(run: Any) -> bool:
-    """Trained to its last epoch: FINISHED, or FAILED only because its codes collapsed.
-
-    The runner marks collapsed runs failed (a search should not pick them), but for an ablation a collapse is a
-    result: the balance fix exists because codes collapsed without it, so those runs' mAP must count.
-    """
-    tags = run.data.tags
-    if run.info.status == "FINISHED":
-        return tags.get("agch.status", "finished") == "finished"
-    return run.info.status == "FAILED" and tags.get("agch.collapsed") == "True" and not tags.get("agch.failed_epoch")
+    """Trained to its end: FINISHED (collapsed codes included: a collapse is a result, the balance fix exists because
+    codes collapsed without it)."""
+    return run.info.status == "FINISHED" and run.data.tags.get("agch.status", "finished") == "finished"
 
 
 def recorded_runs(tracker: Any, dataset_identity: str) -> dict[str, list[Any]]:
@@ -47,6 +42,13 @@ def recorded_runs(tracker: Any, dataset_identity: str) -> dict[str, list[Any]]:
         token = page.token
         if not token:
             return found
+
+
+def reusable(found: dict[str, list[Any]], precision: dict[str, str], parent: str | None = None) -> dict[str, list]:
+    """`found` keeping, per identity, the runs of `parent` and the runs of others at that identity's precision."""
+    keep = {i: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent
+                or r.data.tags.get("agch.precision") == precision.get(i)] for i, runs in found.items()}
+    return {i: runs for i, runs in keep.items() if runs}
 
 
 def pick_run(runs: list[Any], parent_run_id: str) -> Any:
@@ -107,6 +109,8 @@ class TrialRecord:
     run_id: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     reason: str | None = None
+    origin: str | None = None
+    """for a reused run: the group and parent run it was recorded under."""
 
 
 @dataclass
@@ -159,10 +163,10 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
     from agch.baselines import describe_references, reference_scores
     from agch.data import open_dataset
     from agch.paths import home
-    from agch.tracking import Tracker, run_tags
-    from agch.train import describe_protocol, protocol_of
+    from agch.tracking import open_tracker, run_tags
+    from agch.train import describe_protocol, precision_of, protocol_of
 
-    tracker = Tracker(tracking_uri, experiment)
+    tracker = open_tracker(tracking_uri, experiment, wait=False)
     with open_dataset(dataset) as data:
         plan = build_plan(spec, data.identity)
         first = next(iter(plan.cells.values())).config
@@ -185,7 +189,8 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
     runner = GroupRunner(plan, dataset, tracker.uri, experiment, parent, device, storage,
                          trial_resources(spec.resources, device), ray_address, on_result, say)
     try:
-        before = {} if rerun else recorded_runs(tracker, plan.dataset_identity)
+        precision = {t.identity: precision_of(plan.cells[t.cell].config, device) for t in plan.trials()}
+        before = {} if rerun else reusable(recorded_runs(tracker, plan.dataset_identity), precision)
         pending = [t for t in plan.trials() if t.identity not in before]
         if len(pending) < len(plan.trials()):
             say(f"{len(plan.trials()) - len(pending)} of {len(plan.trials())} cell × seed runs are already "
@@ -208,7 +213,7 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
         with contextlib.suppress(Exception):  # the error in flight matters more than closing the parent
             tracker.end_run(parent, "KILLED")
         raise
-    final = recorded_runs(tracker, plan.dataset_identity)
+    final = reusable(recorded_runs(tracker, plan.dataset_identity), precision, parent)
     records = [record_of(t, final.get(t.identity, []), runner.outcomes.get(t.identity), parent,
                          t.identity in before, rerun) for t in plan.trials()]
     return AblationRun(plan, parent, tracker.uri, experiment, protocol, records, references)
@@ -235,7 +240,8 @@ class GroupRunner:
         """Run (or restore) one grid; False when it ended early (interrupted)."""
         from ray import tune
 
-        from agch.runner import SETTINGS, RunContext, run_trials
+        from agch.runner import run_trials
+        from agch.trial import SETTINGS, RunContext
 
         ctx = RunContext(dataset=str(self.dataset), tracking_uri=self.tracking_uri, experiment=self.experiment,
                          parent_run_id=self.parent, device=self.device, base=group["base"], group=group["name"])
@@ -278,9 +284,12 @@ def record_of(trial: Trial, runs: list[Any], outcome: Any, parent: str, recorded
         run = pick_run(runs, parent)
         mine = run.data.tags.get("mlflow.parentRunId") == parent
         source = "reused" if not mine else ("resumed" if recorded_before else "trained")
-        status = "finished" if run.info.status == "FINISHED" else "collapsed"
+        tags = run.data.tags
+        status = "collapsed" if tags.get("agch.collapsed") == "True" else "finished"
+        origin = None if mine else (f"{tags.get('agch.group') or tags.get('mlflow.runName', '?')} (experiment "
+                                    f"{run.info.experiment_id}, parent run {tags.get('mlflow.parentRunId', 'none')})")
         return TrialRecord(trial, status, source, run.info.run_id, dict(run.data.metrics),
-                           run.data.tags.get("agch.reason") or None)
+                           tags.get("agch.reason") or None, origin)
     if outcome is not None and outcome.status == "failed":
         return TrialRecord(trial, "failed", "trained", outcome.run_id, dict(outcome.metrics), outcome.reason)
     return TrialRecord(trial, "not run", reason=getattr(outcome, "reason", None) or "interrupted")
@@ -302,150 +311,3 @@ def start_parent(tracker: Any, plan: Plan, dataset_tags: dict[str, str]) -> str:
     tracker.log_files(parent, {"ablation.yaml": spec.to_dict(), "cells.yaml": cells,
                                "comparisons.yaml": {"comparisons": comparisons}})
     return parent
-
-
-# ---------------------------------------------------------------- analysis and report
-
-DIAGNOSTICS: dict[str, str] = {
-    "unique_frac_image": "unique codes img", "unique_frac_text": "unique codes txt",
-    "bit_balance_image": "bit balance img", "bit_balance_text": "bit balance txt",
-    "pair_hamming": "pair Hamming",
-}
-"""Per-arm code statistics shown beside mAP (the log's fixes targeted them): fraction of distinct codes, mean
-|bit mean| (0 = every bit +1 half the time), mean Hamming distance between the same pair's image and text codes."""
-
-
-def map_metrics(topk: int) -> dict[str, str]:
-    """Metric key → column label naming the protocol's metric and direction."""
-    return {f"map{topk}_i2t": f"mAP@{topk} I->T", f"map{topk}_t2i": f"mAP@{topk} T->I",
-            "mapall_i2t": "mAP@ALL I->T", "mapall_t2i": "mAP@ALL T->I"}
-
-
-@dataclass(frozen=True)
-class ComparisonResult:
-    """One comparison's paired statistics per mAP metric and its arms' diagnostics (on, off)."""
-
-    comparison: Comparison
-    maps: dict[str, Any]
-    diagnostics: dict[str, tuple[Any, Any]]
-
-
-def arm_values(run: AblationRun, cells: tuple[str, ...], key: str) -> list[float | None]:
-    """Per seed, the metric averaged over the arm's cells (a factorial arm has several); None if any is missing."""
-    by = {(r.trial.cell, r.trial.seed): r.metrics.get(key) for r in run.records if r.status in RESULT_STATES}
-    out = []
-    for seed in run.plan.spec.seeds:
-        values = [by.get((cell, seed)) for cell in cells]
-        out.append(None if any(v is None for v in values) else sum(values) / len(values))
-    return out
-
-
-def analyse(run: AblationRun) -> list[ComparisonResult]:
-    """Paired statistics (agch.stats) for every comparison of the plan."""
-    from agch.stats import paired_compare, summarize
-
-    results = []
-    for comp in run.plan.comparisons:
-        maps = {key: paired_compare(arm_values(run, comp.on, key), arm_values(run, comp.off, key))
-                for key in map_metrics(run.topk)}
-        diags = {key: (summarize(arm_values(run, comp.on, key)), summarize(arm_values(run, comp.off, key)))
-                 for key in DIAGNOSTICS}
-        results.append(ComparisonResult(comp, maps, diags))
-    return results
-
-
-def protocol_line(run: AblationRun) -> str:
-    """What every mAP in the report means (docs/protocol.md)."""
-    from agch.train import describe_protocol
-
-    return (f"mAP@{run.topk} and mAP@ALL (Hamming ranking, relevance = >=1 shared label), "
-            f"{describe_protocol(run.protocol)}")
-
-
-def report_tables(run: AblationRun, results: list[ComparisonResult]) -> dict[str, str]:
-    """The report as console text, markdown and CSV (comparisons and trials)."""
-    from agch.baselines import describe_references
-    from agch.stats import CONFIDENCE, csv_text, interval, markdown_table, p_text, text_table
-
-    labels = map_metrics(run.topk)
-    ci = f"{CONFIDENCE:.0%} CI"
-    head = ["comparison", "metric", "n", "on (mean ± std)", "off (mean ± std)", f"Δ on−off [{ci}]", "p (t)",
-            "p (Wilcoxon)", "verdict"]
-    rows = [[r.comparison.name, labels[k], m.n, m.on.text(), m.off.text(), interval(m), p_text(m.p_t),
-             p_text(m.p_wilcoxon), m.verdict] for r in results for k, m in r.maps.items()]
-    diag_head = ["comparison", "arm", *DIAGNOSTICS.values()]
-    diag_rows = [[r.comparison.name, arm, *(r.diagnostics[k][i].text(3) for k in DIAGNOSTICS)]
-                 for r in results for i, arm in enumerate(("on", "off"))]
-    p = run.protocol
-    csv_head = ["comparison", "factor", "design", "metric", "bits", "split", "dataset", "synthetic", "n", "on_mean",
-                "on_std", "off_mean", "off_std", "diff_mean", "ci_low", "ci_high", "p_t", "p_wilcoxon", "verdict"]
-    csv_rows = [[r.comparison.name, r.comparison.factor, r.comparison.design, labels[k], p["bits"], p["split"],
-                 p["dataset"], p["synthetic"], m.n, m.on.mean, m.on.std, m.off.mean, m.off.std, m.diff_mean,
-                 m.ci_low, m.ci_high, m.p_t, m.p_wilcoxon, m.verdict] for r in results for k, m in r.maps.items()]
-    keys = [*labels, *DIAGNOSTICS]
-    trial_head = ["cell", "seed", "status", "source", "run_id", "reason",
-                  *(f"{labels[k]} ({p['bits']} bits, {p['split']} split)" if k in labels else k for k in keys)]
-    cell_label = {c.identity: c.label for c in run.plan.cells.values()}
-    trial_rows = [[cell_label[r.trial.cell], r.trial.seed, r.status, r.source, r.run_id or "", r.reason or "",
-                   *(r.metrics.get(k, "") for k in keys)] for r in run.records]
-    short = lambda v: f"{v:.4f}" if isinstance(v, float) else v  # noqa: E731
-    trial_md = [[short(v) for v in row] for row in trial_rows]
-    notes = report_notes(run)
-    references = (f"references on the same queries ({p['bits']} bits): "
-                  f"{describe_references(run.references, run.topk)}" if run.references else "")
-    console = "\n\n".join([f"protocol: {protocol_line(run)}", references, text_table(head, rows),
-                           "code diagnostics per arm (mean ± std over seeds):\n" + text_table(diag_head, diag_rows),
-                           "\n".join(notes)])
-    markdown = "\n\n".join([f"# Ablation {run.plan.spec.name}", f"Protocol: {protocol_line(run)}.", references,
-                            markdown_table(head, rows), "## Code diagnostics per arm",
-                            markdown_table(diag_head, diag_rows), "## Notes", "\n".join(f"- {n}" for n in notes),
-                            "## Trials", markdown_table(trial_head, trial_md)])
-    return {"console": console, "results.md": markdown + "\n", "comparisons.csv": csv_text(csv_head, csv_rows),
-            "trials.csv": csv_text(trial_head, trial_rows)}
-
-
-def report_notes(run: AblationRun) -> list[str]:
-    """How to read the verdicts, and what was reused, failed or not run."""
-    from agch.stats import CONFIDENCE, min_wilcoxon_p
-
-    n = len(run.plan.spec.seeds)
-    notes = [f"verdict: the {CONFIDENCE:.0%} t interval of the paired difference excludes 0 ('helps' above, 'hurts' "
-             f"below); one verdict per row, not corrected for the {len(run.plan.comparisons) * 4} rows of this table",
-             "a difference that is the same at every seed has no t interval; the exact signed-rank test decides it "
-             "('undecided' while its smallest possible p, 2 / 2^seeds, is not below 0.05)"]
-    if n < 2:
-        notes.append(f"{n} seed: no verdict is possible; pass --seeds 2 or more ({DEFAULT_SEEDS} recommended)")
-    else:
-        notes.append(f"with {n} seeds the exact Wilcoxon p cannot go below {min_wilcoxon_p(n):.3f}")
-    notes.append(f"{len(run.records)} cell × seed runs: {run.count(source='trained')} trained now, "
-                 f"{run.count(source='reused')} reused from earlier runs, {run.count(source='resumed')} finished "
-                 f"before an interruption, {run.count(status='failed')} failed, {run.count(status='not run')} not run")
-    collapsed = run.count(status="collapsed")
-    if collapsed:
-        notes.append(f"{collapsed} run(s) ended with collapsed codes (< 5% unique): their mAP counts (a collapse is "
-                     "what some fixes prevent), though MLflow shows them FAILED")
-    for r in run.records:
-        if r.status == "failed":
-            notes.append(f"failed: {run.plan.cells[r.trial.cell].label} seed {r.trial.seed}: {r.reason}")
-    if run.interrupted:
-        notes.append("interrupted: run the same command again to resume (finished runs are not retrained)")
-    return notes
-
-
-def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str, str]) -> None:
-    """Log the report and the effect plot on the parent run and close it (KILLED when interrupted)."""
-    from agch.stats import effect_plot
-    from agch.tracking import Tracker
-
-    tracker = Tracker(run.tracking_uri, run.experiment)
-    labels = map_metrics(run.topk)
-    panels = {f"{label}": [(r.comparison.name, r.maps[key]) for r in results] for key, label in labels.items()}
-    plot = effect_plot(panels, f"ablation {run.plan.spec.name}, {len(run.plan.spec.seeds)} seeds, mean paired "
-                               f"difference with its 95% t interval\n{protocol_line(run)}")
-    tracker.log_files(run.parent_run_id, {name: text for name, text in tables.items() if name != "console"})
-    tracker.log_files(run.parent_run_id, {"effects.png": plot})
-    tracker.set_tags(run.parent_run_id, {
-        "agch.trained": run.count(source="trained"), "agch.reused": run.count(source="reused"),
-        "agch.resumed": run.count(source="resumed"), "agch.collapsed": run.count(status="collapsed"),
-        "agch.failed": run.count(status="failed"), "agch.not_run": run.count(status="not run")})
-    tracker.end_run(run.parent_run_id, "KILLED" if run.interrupted else "FINISHED")

@@ -12,7 +12,10 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from agch.errors import UserError, need, unknown
 
@@ -27,18 +30,21 @@ class Fixes:
     similarity: bool = True
     """on: S = C ⊙ D (the paper, Eq. 11); off: S = sim_mix·C + (1 − sim_mix)·D (the paper's ablation AGCH-3,
     the log's starting point). The log bundled the square-root distance and S ← 2S − 1 with this fix; here those
-    are the separate options `distance` and `rescale_s` so that this switch measures one change."""
+    are the separate options `distance` and `rescale_s` so that this switch measures one change.
+    Implemented in agch.similarity.batch_similarity."""
     text_input: bool = False
     """on: BatchNorm1d on the sparse bag-of-words input, LeakyReLU instead of ReLU in the text encoder, and
-    Kaiming init with gain 2.0 on its first layer (the log: text-code mean rose from 0.013 to 0.095)."""
+    Kaiming init with gain 2.0 on its first layer (the log: text-code mean rose from 0.013 to 0.095).
+    Implemented in agch.model.TextEncoder.__init__."""
     alignment: bool = False
     """on: adds align_weight · mean((B^v − B^t)²), a direct pull between the same pair's image and text codes
-    (the log measured the pair ~32.9 bits apart at 64 bits)."""
+    (the log measured the pair ~32.9 bits apart at 64 bits). Implemented in agch.losses.agch_loss."""
     quantization: bool = False
-    """on: adds quant_weight · mean((|B| − 1)²) over the encoder codes, pushing them toward ±1."""
+    """on: adds quant_weight · mean((|B| − 1)²) over the encoder codes, pushing them toward ±1. Implemented in
+    agch.losses.agch_loss."""
     balance: bool = False
     """on: adds balance_weight · Σ_bits mean_batch(B)², pushing each bit to be +1 half the time (the log:
-    all 500 codes had collapsed to one before it)."""
+    all 500 codes had collapsed to one before it). Implemented in agch.losses.agch_loss."""
 
 
 FIX_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Fixes))
@@ -249,14 +255,9 @@ def apply(config: Config, overrides: dict[str, Any], where: str = "") -> Config:
     """
     changes: dict[str, Any] = {}
     fix_changes: dict[str, bool] = {}
-    for key, value in overrides.items():
-        if key == "fixes" and isinstance(value, dict):
-            for name, on in value.items():
-                canon = fix_name(str(name), where)
-                fix_changes[canon] = _coerce(f"fixes.{canon}", on, True, where)
-        elif key.startswith("fixes."):
-            canon = fix_name(key.split(".", 1)[1], where)
-            fix_changes[canon] = _coerce(f"fixes.{canon}", value, True, where)
+    for key, value in flat_overrides(overrides, where).items():
+        if key.startswith("fixes."):
+            fix_changes[key.split(".", 1)[1]] = _coerce(key, value, True, where)
         elif key in field_names():
             changes[key] = _coerce(key, value, getattr(config, key), where)
         else:
@@ -265,6 +266,25 @@ def apply(config: Config, overrides: dict[str, Any], where: str = "") -> Config:
     result = dataclasses.replace(config, **changes, fixes=fixes)
     validate(result, where)
     return result
+
+
+def flat_overrides(overrides: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """`overrides` with a `fixes` mapping and every `fixes.<alias>` as canonical `fixes.<name>` keys, so that layers
+    of overrides merge key by key (a later layer's fix replaces an earlier one's).
+
+    Example:
+        >>> flat_overrides({"fixes": {"text-input": "on"}, "delta": 1})
+        {'fixes.text_input': 'on', 'delta': 1}
+    """
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key == "fixes" and isinstance(value, dict):
+            out.update({f"fixes.{fix_name(str(name), where)}": on for name, on in value.items()})
+        elif key.startswith("fixes."):
+            out[f"fixes.{fix_name(key.split('.', 1)[1], where)}"] = value
+        else:
+            out[key] = value
+    return out
 
 
 def preset(name: str) -> Config:
@@ -312,11 +332,31 @@ def from_flat(flat: dict[str, Any], base: str = "paper") -> Config:
     return apply(preset(base), flat)
 
 
-def identity(config: Config, **context: Any) -> str:
-    """Hash of everything that matters scientifically (not where results go), plus context such as the dataset.
+TRAINER_VERSION = 2
+"""Bumped whenever agch.train's results for a given config and dataset change (a fix to the losses, the encoders,
+the evaluation, the seeding): part of every run's identity, so runs of an older trainer are never reused."""
 
-    Two runs with the same identity computed the same thing; a recorded run with it can be reused.
+
+def identity(config: Config, **context: Any) -> str:
+    """Hash of everything that matters scientifically (not where results go), TRAINER_VERSION, plus context such as
+    the dataset.
+
+    Two runs with the same identity computed the same thing (given the same precision: see
+    agch.train.precision_of); a recorded run with it can be reused.
     """
     flat = {k: v for k, v in to_flat(config).items() if k not in NON_SCIENTIFIC}
-    payload = json.dumps({"config": flat, "context": context}, sort_keys=True, default=str)
+    payload = json.dumps({"config": flat, "trainer": TRAINER_VERSION, "context": context}, sort_keys=True,
+                         default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file; syntax errors name the file and line."""
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{line}: malformed YAML: {getattr(err, 'problem', err)}") from None

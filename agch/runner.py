@@ -1,24 +1,18 @@
-"""The Ray Tune runner shared by agch-search and agch-ablate: one Tune trial = one trainer call = one nested MLflow run.
+"""The driver side of the Ray Tune runner shared by agch-search and agch-ablate: start Ray, build or restore the
+Tuner, watch trials end, and close or mark their MLflow runs. What runs inside a trial is agch.trial.
 
 Thin by design: Tune schedules and restores trials, the caller's search algorithm or grid picks their params,
 `agch.train.train` trains, `agch.tracking` records. Nothing here knows about Optuna or ablation designs.
-
-Why the MLflow run of a trial is looked up by tags before one is created: a trial that Tune restarts (after a
-driver crash, or from scratch when it had no checkpoint yet) must continue its own run, never open a second one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import random
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,18 +21,10 @@ from typing import Any
 
 from ray.tune import Callback
 
-from agch import config as cfg
 from agch.errors import UserError
+from agch.tracking import TRACKING_WAIT_S, RetryingTracker
+from agch.trial import FINAL, RunContext, run_trial, end_trial_run, trial_slot
 
-SEED_OFFSET = "seed_offset"
-"""Param key of a repeated trial: it trains with seed base.seed + this (several seeds per suggestion)."""
-SETTINGS = "settings"
-"""Param key of a mapping of flat config keys an ablation grid sets together (one grid value per cell)."""
-TRIAL_NUMBER = "trial_number"
-"""Param key a search algorithm adds so that trials with equal settings stay distinct (agch-search: the Optuna trial
-number). Like SEED_OFFSET it is not a config key."""
-FINAL = "agch_final"
-"""Result key set (to 1) only on a trial's last report, after its MLflow run is complete."""
 STATES = ("finished", "failed", "stopped", "interrupted")
 """TrialOutcome.status: stopped = early-stopped by the scheduler; interrupted = the search ended first (Ctrl-C, time
 budget, a killed driver): a resume continues it. A run tagged 'lost' belongs to no trial any more (see mark_lost)."""
@@ -51,26 +37,6 @@ MAX_RETRIES = 2
 checkpoint and into its own MLflow run; a trial that failed on its own (NaN loss, collapse) replays its recorded
 failure at once instead. A local Ray loses no nodes, so there trials are not retried: a retry racing a Ctrl-C
 shutdown could open a second run for the same trial."""
-
-
-@dataclass(frozen=True)
-class RunContext:
-    """What every trial of one search or ablation shares; JSON-able, because trials run in other processes."""
-
-    dataset: str
-    """absolute path of the dataset file (trials run in their own working directories)."""
-    tracking_uri: str
-    """absolute MLflow tracking URI."""
-    experiment: str
-    """MLflow experiment name."""
-    parent_run_id: str
-    """the MLflow parent run of this search or ablation."""
-    device: str
-    """auto / cpu / cuda."""
-    base: dict
-    """flat config (agch.config.to_flat) every trial starts from."""
-    group: str
-    """the search or ablation name (tag agch.group on every child run)."""
 
 
 @dataclass
@@ -100,192 +66,6 @@ class _Session:
 _SESSIONS: dict[str, _Session] = {}
 """Live sessions by group. Tune pickles RunConfig (callbacks included) into its experiment folder and uses that copy
 after Tuner.restore, so the console and this bookkeeping cannot be fields of the callback object itself."""
-
-
-class TrialFailed(Exception):
-    """Raised by a trial whose training failed (non-finite loss, collapse, exception); Tune records it as errored."""
-
-
-def trial_config(ctx: RunContext, params: dict[str, Any]) -> cfg.Config:
-    """ctx.base plus the trial's params (config keys, 'fixes.<name>', SETTINGS, SEED_OFFSET for repeated trials,
-    TRIAL_NUMBER)."""
-    params = dict(params)
-    params.pop(TRIAL_NUMBER, None)
-    params.update(params.pop(SETTINGS, {}))
-    offset = int(params.pop(SEED_OFFSET, 0))
-    config = cfg.apply(cfg.Config(), {**ctx.base, **params}, where="trial params")
-    return dataclasses.replace(config, seed=config.seed + offset) if offset else config
-
-
-def trial_slot(ctx: RunContext, params: dict[str, Any]) -> str:
-    """The trial's place in its search or ablation, tagged agch.slot on its MLflow run.
-
-    A Tune retry keeps its trial id, but a driver killed before it saved a trial it had just started loses that
-    id: the restored driver starts a new trial in its place, with the same params (agch-search hands the same
-    Optuna trial out again). Both find the place's one run by this key, so no place ever gets a second run.
-    """
-    key = json.dumps([ctx.parent_run_id, ctx.group, params], sort_keys=True, default=str)
-    return hashlib.sha1(key.encode()).hexdigest()[:20]
-
-
-# --------------------------------------------------------------------------------------------------- MLflow access
-TRACKING_WAIT_S = "AGCH_TRACKING_WAIT_S"
-"""Environment variable: how long (seconds, default 600) a trial or the driver waits for a tracking server that
-stopped answering, beyond MLflow's own client retries, before its call fails. Trials get the driver's value."""
-
-
-def tracking_wait_s() -> float:
-    value = os.environ.get(TRACKING_WAIT_S, "600")
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        raise UserError(f"{TRACKING_WAIT_S} must be a number of seconds, got {value!r}") from None
-
-
-class RetryingTracker:
-    """agch.tracking.Tracker whose calls retry with backoff while an SQLite store is locked by another trial, and
-    wait (up to tracking_wait_s) while a tracking server does not answer."""
-
-    ATTEMPTS = 10
-    """tries while SQLite says the database is locked."""
-
-    def __init__(self, uri: str, experiment: str, *, wait: bool = True):
-        """wait=False: fail at once when the server does not answer (a check before anything starts)."""
-        from agch.tracking import Tracker, resolve_uri
-
-        self.uri, self.wait = resolve_uri(uri), wait
-        self._tracker = self._call(Tracker, self.uri, experiment)
-
-    def __getattr__(self, name: str) -> Any:
-        value = getattr(self._tracker, name)
-        if not callable(value):
-            return value
-        return lambda *args, **kwargs: self._call(value, *args, **kwargs)
-
-    def _call(self, call: Callable, *args: Any, **kwargs: Any) -> Any:
-        from agch.tracking import unreachable
-
-        locked, deadline = 0, None
-        while True:
-            try:
-                return call(*args, **kwargs)
-            except Exception as err:  # MLflow wraps SQLAlchemy's OperationalError in several exception types
-                if "locked" in str(err) and locked < self.ATTEMPTS - 1:
-                    time.sleep(min(0.05 * 2 ** locked, 2.0) * (1 + random.random()))
-                    locked += 1
-                    continue
-                if not self.wait or unreachable(self.uri) is None:
-                    raise
-                deadline = deadline or time.monotonic() + tracking_wait_s()
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(2.0)
-
-    def reopen(self, run_id: str) -> None:
-        """Set a run that an earlier session left KILLED (or RUNNING) back to RUNNING."""
-        self._call(self._tracker.client.update_run, run_id, status="RUNNING")
-
-    def find_trial_run(self, group: str, slot: str) -> Any | None:
-        """The MLflow run of the trial at `slot` (see trial_slot) in `group`, if one was started."""
-        runs = self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
-                          f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
-        return runs[0] if runs else None
-
-    def group_runs(self, group: str) -> list[Any]:
-        """Every child run of `group`, oldest first."""
-        return self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
-                          f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` != ''", max_results=50000,
-                          order_by=["attributes.start_time ASC"])
-
-
-def end_trial_run(tracker: RetryingTracker, run_id: str, status: str, reason: str | None) -> None:
-    """Tag the trial's state and reason and close its MLflow run accordingly."""
-    tracker.set_tags(run_id, {"agch.status": status, "agch.reason": reason or ""})
-    mlflow_status = {"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
-    tracker.end_run(run_id, mlflow_status)
-
-
-# --------------------------------------------------------------------------------------------------- the trial
-def _trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
-    """Tune function trainable: train one config, log it to its own nested MLflow run, report every epoch."""
-    import ray
-    import torch
-    from ray import tune
-
-    from agch.data import open_dataset
-    from agch.tracking import log_result, run_tags
-    from agch.train import train
-
-    context = RunContext(**ctx)
-    trial_id = tune.get_context().get_trial_id()
-    config = trial_config(context, params)
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:
-        torch.set_num_threads(max(1, int(cpus)))  # concurrent trials must not oversubscribe the cores
-    tracker = RetryingTracker(context.tracking_uri, context.experiment)
-    checkpoint = tune.get_checkpoint()
-    resume = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
-
-    with open_dataset(context.dataset) as data:
-        slot = trial_slot(context, params)
-        recorded = tracker.find_trial_run(context.group, slot)
-        if recorded is not None and recorded.info.status in ("FINISHED", "FAILED"):
-            tracker.set_tags(recorded.info.run_id, {"agch.trial_id": trial_id})
-            _replay(recorded)  # ended before the driver went down: never train it twice
-            return
-        attempt = 1
-        if recorded is not None:  # a retry, a restored trial, or one in a lost trial's place: continue that run
-            run_id = recorded.info.run_id
-            attempt = int(recorded.data.tags.get("agch.attempts", "1")) + 1
-            tracker.reopen(run_id)
-        else:
-            tags = {**run_tags(config, data), "agch.group": context.group, "agch.slot": slot,
-                    "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
-            run_id = tracker.start_run(f"{context.group}/{trial_id}", tags=tags, parent=context.parent_run_id)
-            tracker.log_params(run_id, cfg.to_flat(config))
-        tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": "", "agch.attempts": attempt,
-                                  "agch.trial_id": trial_id,
-                                  "ray.node_id": ray.get_runtime_context().get_node_id()})
-
-        def on_epoch(report: Any) -> None:
-            tracker.log_metrics(run_id, {f"loss_{k}": v for k, v in report.losses.items()}, report.epoch)
-            tracker.log_metrics(run_id, {"epoch": report.epoch, "epoch_seconds": report.seconds}, report.epoch)
-            if report.epoch >= config.epochs:
-                return  # the last epoch is reported after the run is complete (a scheduler may stop it at once)
-            result = {"epoch": report.epoch, "loss": report.losses["total"]}
-            if not report.metrics:
-                tune.report(result)
-                return
-            tracker.log_metrics(run_id, report.metrics, report.epoch)
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(report.state(), Path(folder) / "state.pt")
-                tune.report({**result, **report.metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
-
-        try:
-            result = train(config, data, on_epoch, device=context.device, resume=resume)
-        except Exception as err:
-            end_trial_run(tracker, run_id, "failed", f"{type(err).__name__}: {err}")
-            raise TrialFailed(f"{type(err).__name__}: {err}") from err
-        log_result(tracker, run_id, config, result)
-        if result.status != "finished" or result.collapsed:
-            reason = result.reason or "codes collapsed (fewer than 5% unique codes)"
-            end_trial_run(tracker, run_id, "failed", reason)
-            raise TrialFailed(reason)
-        end_trial_run(tracker, run_id, "finished", None)
-    tune.report({**result.metrics, "epoch": result.epochs_run, FINAL: 1})
-
-
-def _replay(run: Any) -> None:
-    """Report a run that already ended as the trial's result (finished) or error (failed)."""
-    from ray import tune
-
-    if run.info.status == "FAILED":
-        raise TrialFailed(run.data.tags.get("agch.reason") or "failed in an earlier session")
-    epochs = int(run.data.params.get("epochs", 0))
-    tune.report({**run.data.metrics, "epoch": epochs, FINAL: 1})
 
 
 # --------------------------------------------------------------------------------------------------- the driver
@@ -365,7 +145,7 @@ def run_trials(ctx: RunContext, *, param_space: dict[str, Any], num_samples: int
     from ray import tune
 
     start_ray(ray_address, resources, verbose=verbose)
-    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=dataclasses.asdict(ctx)),
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=dataclasses.asdict(ctx)),
                                     {"cpu": resources.get("cpu", 1), "gpu": resources.get("gpu", 0)})
     path = Path(storage_dir) / name
     session = _SESSIONS[ctx.group] = _Session(on_result, on_complete)

@@ -21,107 +21,15 @@ import yaml
 from agch import config as cfg
 from agch.errors import UserError, need, unknown
 from agch.space import Parameter, SearchSpace, describe_metric, make_sampler, make_scheduler
+from agch.tracking import open_tracker, redact
 
 
-# --------------------------------------------------------------------------------------------- Optuna inside Tune
 def __getattr__(name: str) -> Any:
-    # Ray Tune takes seconds to import; build the OptunaSearch adapter on first use so that validating a space file
-    # stays fast. Pickle finds the class under this module's name, so Tune can save and restore it.
-    if name == "StudySearch":
-        globals()[name] = _study_search_class()
-        return globals()[name]
+    if name == "StudySearch":  # searcher states saved before the class moved to agch.study_search
+        from agch import study_search
+
+        return study_search.StudySearch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _study_search_class() -> type:
-    from optuna.exceptions import UpdateFinishedTrialError
-    from optuna.trial import Trial, TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
-    from agch.runner import FINAL, SEED_OFFSET, TRIAL_NUMBER
-
-    class StudySearch(OptunaSearch):
-        """Ray's OptunaSearch on a persistent study, with results keyed by epoch and repeated seeds.
-
-        - A result without the objective (an epoch that was not evaluated) is skipped; the others are Optuna
-          intermediate values at their epoch.
-        - With seeds > 1 each suggestion runs as that many Tune trials (SEED_OFFSET 0..seeds-1) and Optuna is told
-          the mean once all have ended. The groups are part of this object, which Tune saves and restores.
-        - A trial that ended without its final report was early-stopped: Optuna records it as pruned.
-        - Every suggestion carries its Optuna trial number (TRIAL_NUMBER), so that trials with equal settings are
-          distinct places for agch.runner.trial_slot.
-        - On restore, Optuna trials asked after Tune last saved its state (trials a killed driver had just started)
-          are handed out again, first, to the trials the restored driver starts in their place: those continue the
-          lost trials' MLflow runs. A trial that Optuna already closed before the driver died is not told twice.
-        """
-
-        def __init__(self, *, seeds: int = 1, **kwargs: Any):
-            super().__init__(**kwargs)
-            self.seeds = seeds
-            self.groups: dict[str, dict] = {}
-            self.open_group: dict | None = None
-            self.orphans: list[int] = []
-            """Optuna trial ids to hand out again before asking new ones (see restore)."""
-
-        def suggest(self, trial_id: str) -> dict | None:
-            group = self.open_group
-            if group is None or len(group["members"]) == self.seeds:
-                if self.orphans:
-                    self._ot_trials[trial_id] = Trial(self._ot_study, self.orphans.pop(0))
-                params = super().suggest(trial_id)
-                if not isinstance(params, dict):
-                    return params
-                params[TRIAL_NUMBER] = self._ot_trials[trial_id].number
-                group = self.open_group = {"primary": trial_id, "params": params, "members": [], "ended": {}}
-            group["members"].append(trial_id)
-            self.groups[trial_id] = group
-            self._ot_trials[group["primary"]].set_user_attr("tune_trial_ids", list(group["members"]))
-            offset = {SEED_OFFSET: len(group["members"]) - 1} if self.seeds > 1 else {}
-            return {**group["params"], **offset}
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if self.seeds == 1 and isinstance(self.metric, str) and self.metric in result:
-                with warnings.catch_warnings():  # a restored trial reports its checkpoint's epoch again
-                    warnings.simplefilter("ignore")
-                    try:
-                        self._ot_trials[trial_id].report(float(result[self.metric]), int(result["epoch"]))
-                    except UpdateFinishedTrialError:
-                        pass
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            group = self.groups.get(trial_id)
-            if group is None or trial_id in group["ended"]:
-                return
-            metrics = [self.metric] if isinstance(self.metric, str) else list(self.metric)
-            if error or not (result or {}).get(FINAL):
-                group["ended"][trial_id] = "failed" if error else "pruned"
-            else:
-                group["ended"][trial_id] = [float(result[m]) for m in metrics]
-                self.on_trial_result(trial_id, result)  # the last epoch's value, reported only at the end
-            if len(group["ended"]) < self.seeds:
-                return
-            ended = list(group["ended"].values())
-            values = None
-            if "failed" in ended:
-                state = TrialState.FAIL
-            elif "pruned" in ended:
-                state = TrialState.PRUNED
-            else:
-                state, means = TrialState.COMPLETE, np.mean(ended, axis=0).tolist()
-                values = means[0] if isinstance(self.metric, str) else means
-            try:
-                self._ot_study.tell(self._ot_trials[group["primary"]], values, state=state)
-            except UpdateFinishedTrialError:
-                pass
-
-        def restore(self, checkpoint_path: str) -> None:
-            super().restore(checkpoint_path)
-            known = {trial.number for trial in self._ot_trials.values()}
-            self.orphans = [trial._trial_id for trial in self._ot_study.get_trials(
-                deepcopy=False, states=(TrialState.RUNNING,)) if trial.number not in known]
-
-    StudySearch.__module__, StudySearch.__qualname__ = __name__, "StudySearch"
-    return StudySearch
 
 
 # --------------------------------------------------------------------------------------------------- the driver
@@ -171,11 +79,6 @@ def default_storage_url(tracking_uri: str | None = None) -> str:
     return f"sqlite:///{home() / 'optuna.db'}"
 
 
-def redact(url: str) -> str:
-    """A URL with its password replaced, fit for logs and tags."""
-    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
-
-
 def open_storage(url: str) -> Any:
     """The Optuna storage at `url` (SQLite, PostgreSQL, MySQL); UserError when it cannot be reached."""
     import optuna
@@ -185,20 +88,6 @@ def open_storage(url: str) -> Any:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine)
     except Exception as err:  # SQLAlchemy raises many kinds; all mean the same thing here
         raise UserError(f"Optuna storage {redact(url)} is unreachable: {str(err).splitlines()[0]}") from None
-
-
-def _open_tracker(uri: str | None, experiment: str, *, wait: bool = True) -> Any:
-    """The search's tracker; wait=False (the checks before a search starts) fails at once on an unreachable server."""
-    from agch.runner import RetryingTracker
-    from agch.tracking import resolve_uri
-
-    try:
-        return RetryingTracker(resolve_uri(uri), experiment, wait=wait)
-    except UserError:
-        raise
-    except Exception as err:
-        raise UserError(f"tracking store {redact(resolve_uri(uri))} is unreachable: "
-                        f"{str(err).splitlines()[0]}") from None
 
 
 def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, dict[str, float]]:
@@ -235,14 +124,15 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
     from datetime import datetime
 
     from agch.paths import default_dataset
-    from agch.runner import RunContext, start_ray
+    from agch.runner import start_ray
+    from agch.trial import RunContext
 
     name = name or f"{Path(space.source).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     need(NAME_PATTERN.fullmatch(name) is not None, "--name", f"use letters, digits, '.', '_', '-'; got {name!r}")
     folder = searches_root() / name
     need(not folder.exists(), "--name", f"a search named {name} exists; continue it with "
           f"`agch-search resume {name}` or choose another name")
-    tracker = _open_tracker(tracking_uri, experiment, wait=False)
+    tracker = open_tracker(tracking_uri, experiment, wait=False)
     storage_url = storage_url or default_storage_url(tracker.uri)
     storage = open_storage(storage_url)
     need(name not in [s.study_name for s in storage.get_all_studies()], "--name",
@@ -260,10 +150,10 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
         "scheduler": space.scheduler, "epochs": space.epochs, "grace_period": space.grace_period,
         "reduction_factor": space.reduction_factor, "trials": space.trials, "seeds": space.seeds,
         "concurrency": space.concurrency, "cpus": space.cpus, "gpus": space.gpus, "time_budget_s": space.time_budget_s,
-        "objective": ",".join(space.metrics), "mode": space.mode, "dataset": str(dataset)})
+        "stop_on_collapse": space.stop_on_collapse, "objective": ",".join(space.metrics), "mode": space.mode, "dataset": str(dataset)})
     tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
     ctx = RunContext(dataset=str(dataset), tracking_uri=tracker.uri, experiment=experiment, parent_run_id=parent,
-                     device=device, base=space.base, group=name)
+                     device=device, base=space.base, group=name, stop_on_collapse=space.stop_on_collapse)
     state = {"name": name, "space": dataclasses.asdict(space), "context": dataclasses.asdict(ctx),
              "storage_url": storage_url, "ray_address": ray_address, "protocol": protocol, "references": references,
              "finished": False}
@@ -287,7 +177,7 @@ def resume(name: str, *, ray_address: str | None = None, verbose: bool = False, 
         return _finish(state, None, interrupted=False, notes=[f"search {name} had already finished; nothing was run"])
     if ray_address:
         state["ray_address"] = ray_address
-    tracker = _open_tracker(state["context"]["tracking_uri"], state["context"]["experiment"], wait=False)
+    tracker = open_tracker(state["context"]["tracking_uri"], state["context"]["experiment"], wait=False)
     open_storage(state["storage_url"])
     space = _space_from_state(state)
     start_ray(state["ray_address"], {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
@@ -309,12 +199,15 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
     """Run or continue the Tune trials, then write the search's summary artifacts whatever happened."""
     import optuna
 
-    from agch.runner import RunContext, run_trials
+    from agch.runner import run_trials
+    from agch.trial import RunContext
     from agch.tracking import outage_hint
 
     space, ctx = _space_from_state(state), RunContext(**state["context"])
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
-    search_alg = __getattr__("StudySearch")(
+    from agch import study_search
+
+    search_alg = study_search.StudySearch(
         space={p.name: p.distribution() for p in space.parameters}, metric=space.metrics[0] if len(
             space.metrics) == 1 else space.metrics, mode=space.mode if len(space.metrics) == 1 else [space.mode] * 2,
         sampler=make_sampler(space), study_name=state["name"], storage=open_storage(state["storage_url"]),
@@ -335,7 +228,7 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
             interrupted = True
         except BaseException:
             with contextlib.suppress(Exception):  # the error in flight matters more than closing the parent
-                _open_tracker(ctx.tracking_uri, ctx.experiment, wait=False).end_run(ctx.parent_run_id, "FAILED")
+                open_tracker(ctx.tracking_uri, ctx.experiment, wait=False).end_run(ctx.parent_run_id, "FAILED")
             raise
         return _finish(state, found, interrupted=interrupted, notes=list(space.notes))
 
@@ -347,10 +240,11 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
     """
     import optuna
 
-    from agch.runner import STATES, RunContext, outcomes, trial_config
+    from agch.runner import STATES, outcomes
+    from agch.trial import RunContext, trial_config
 
     space, ctx, name = _space_from_state(state), RunContext(**state["context"]), state["name"]
-    tracker = _open_tracker(ctx.tracking_uri, ctx.experiment)
+    tracker = open_tracker(ctx.tracking_uri, ctx.experiment)
     trials = outcomes(ctx) if found is None else found
     interrupted = interrupted or len(trials) < space.trials * space.seeds or any(
         o.status == "interrupted" for o in trials)
@@ -409,10 +303,12 @@ def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:
     """
     from ray import tune
 
-    from agch.runner import SEED_OFFSET, RunContext, run_trials
+    from agch.runner import run_trials
+    from agch.trial import SEED_OFFSET, RunContext
 
     space, ctx = _space_from_state(state), RunContext(**state["context"])
-    test_ctx = dataclasses.replace(ctx, base={**ctx.base, "eval_split": "test"}, group=f"{ctx.group}.test")
+    test_ctx = dataclasses.replace(ctx, base={**ctx.base, "eval_split": "test"}, group=f"{ctx.group}.test",
+                                   stop_on_collapse=False)
     seeds = {SEED_OFFSET: tune.grid_search(list(range(space.seeds)))} if space.seeds > 1 else {}
     folder = searches_root() / state["name"]
     found = run_trials(test_ctx, param_space={**params, **seeds}, metric="epoch", mode="max",
@@ -425,7 +321,7 @@ def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:
         return None, "; ".join(f"test run failed: {o.reason}" for o in found if o.status != "finished")
     keys = sorted(set.intersection(*(set(o.metrics) for o in found)))
     means = {key: float(np.mean([o.metrics[key] for o in found])) for key in keys}
-    tracker = _open_tracker(ctx.tracking_uri, ctx.experiment)
+    tracker = open_tracker(ctx.tracking_uri, ctx.experiment)
     tracker.log_metrics(ctx.parent_run_id, {f"test_{k}": v for k, v in means.items() if k.startswith("map")},
                         step=0)
     from agch.data import open_dataset

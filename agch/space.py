@@ -30,7 +30,7 @@ TOP_KEYS = ("description", "preset", "fixed", "dataset", "parameters", "sampler"
             "concurrency", "resources", "objective", "seeds", "time_budget")
 PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")
 SECTION_KEYS = {"sampler": ("name", "seed", "options"),
-                "scheduler": ("name", "epochs", "grace_period", "reduction_factor"),
+                "scheduler": ("name", "epochs", "grace_period", "reduction_factor", "stop_on_collapse"),
                 "resources": ("cpus", "gpus"), "objective": ("metric", "metrics", "mode")}
 NOT_SEARCHABLE = {"epochs": "the budget: set scheduler.epochs",
                   "seed": "set it with fixed.seed (or --seed) and 'seeds'"}
@@ -99,6 +99,9 @@ class SearchSpace:
     dataset: str | None
     """absolute path, or None for the default synthetic dataset."""
     time_budget_s: float | None
+    stop_on_collapse: bool = True
+    """scheduler.stop_on_collapse: end a trial at its first evaluation whose codes collapsed and report that value
+    (diagnostic-driven stopping; false trains every trial to the budget)."""
     notes: list[str] = field(default_factory=list)
     """adjustments made while loading (e.g. trials capped to the grid size), shown to the user."""
 
@@ -237,7 +240,7 @@ def load_space(arg: str, *, overrides: dict[str, Any] | None = None, preset: str
     """
     path = resolve_space_path(arg)
     text = path.read_text()
-    from agch.cli.common import load_yaml  # errors name the file and line
+    from agch.config import load_yaml  # errors name the file and line
 
     doc = load_yaml(path)
     where = _Where(path, text)
@@ -279,6 +282,9 @@ def load_space(arg: str, *, overrides: dict[str, Any] | None = None, preset: str
     need(budget >= 1, where("scheduler", "epochs"), f"must be >= 1, got {budget}")
     need(1 <= grace <= budget, where("scheduler", "grace_period"), f"must be in [1, epochs={budget}], got {grace}")
     need(factor > 1, where("scheduler", "reduction_factor"), f"must be > 1, got {factor}")
+    stop_on_collapse = scheduler.get("stop_on_collapse", True)
+    need(isinstance(stop_on_collapse, bool), where("scheduler", "stop_on_collapse"),
+         f"must be true or false, got {stop_on_collapse!r}")
     if epochs is not None:
         need(epochs >= 1, "--epochs", f"must be >= 1, got {epochs}")
         budget, grace = epochs, min(grace, epochs)
@@ -318,7 +324,8 @@ def load_space(arg: str, *, overrides: dict[str, Any] | None = None, preset: str
                         grace_period=grace, reduction_factor=factor, trials=count, concurrency=concurrency,
                         cpus=cpus, gpus=gpus, metrics=metrics, mode=mode, seeds=seeds,
                         dataset=str(dataset) if dataset else None,
-                        time_budget_s=_duration(doc.get("time_budget"), where("time_budget")))
+                        time_budget_s=_duration(doc.get("time_budget"), where("time_budget")),
+                        stop_on_collapse=stop_on_collapse)
     return _check_sampler(space, where)
 
 

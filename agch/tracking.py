@@ -9,12 +9,15 @@ import contextlib
 import csv
 import io
 import json
+import os
+import random
+import re
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +193,8 @@ def log_result(tracker: Tracker, run_id: str, config: cfg.Config, result: Any) -
     tracker.log_metrics(run_id, {"train_seconds": result.seconds}, step=result.epochs_run)
     tracker.set_tags(run_id, {"agch.status": result.status, "agch.reason": result.reason or "",
                               "agch.failed_epoch": result.failed_epoch or "", "agch.collapsed": result.collapsed,
-                              "agch.device": result.device})
+                              "agch.device": result.device, "agch.precision": result.precision,
+                              "agch.trainer_version": cfg.TRAINER_VERSION})
     files: dict[str, Any] = {"protocol.json": result.protocol, "config.yaml": {"preset": "paper", **cfg.to_flat(config)},
                              "history.csv": history_csv(result.history)}
     if result.codes:
@@ -199,3 +203,85 @@ def log_result(tracker: Tracker, run_id: str, config: cfg.Config, result: Any) -
     if result.curves:
         files["curves.npz"] = result.curves
     tracker.log_files(run_id, files)
+
+
+TRACKING_WAIT_S = "AGCH_TRACKING_WAIT_S"
+"""Environment variable: how long (seconds, default 600) a trial or the driver waits for a tracking server that
+stopped answering, beyond MLflow's own client retries, before its call fails. Trials get the driver's value."""
+
+
+def tracking_wait_s() -> float:
+    value = os.environ.get(TRACKING_WAIT_S, "600")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise UserError(f"{TRACKING_WAIT_S} must be a number of seconds, got {value!r}") from None
+
+
+class RetryingTracker:
+    """agch.tracking.Tracker whose calls retry with backoff while an SQLite store is locked by another trial, and
+    wait (up to tracking_wait_s) while a tracking server does not answer."""
+
+    ATTEMPTS = 10
+    """tries while SQLite says the database is locked."""
+
+    def __init__(self, uri: str, experiment: str, *, wait: bool = True):
+        """wait=False: fail at once when the server does not answer (a check before anything starts)."""
+        self.uri, self.wait = resolve_uri(uri), wait
+        self._tracker = self._call(Tracker, self.uri, experiment)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._tracker, name)
+        if not callable(value):
+            return value
+        return lambda *args, **kwargs: self._call(value, *args, **kwargs)
+
+    def _call(self, call: Callable, *args: Any, **kwargs: Any) -> Any:
+        locked, deadline = 0, None
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except Exception as err:  # MLflow wraps SQLAlchemy's OperationalError in several exception types
+                if "locked" in str(err) and locked < self.ATTEMPTS - 1:
+                    time.sleep(min(0.05 * 2 ** locked, 2.0) * (1 + random.random()))
+                    locked += 1
+                    continue
+                if not self.wait or unreachable(self.uri) is None:
+                    raise
+                deadline = deadline or time.monotonic() + tracking_wait_s()
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(2.0)
+
+    def reopen(self, run_id: str) -> None:
+        """Set a run that an earlier session left KILLED (or RUNNING) back to RUNNING."""
+        self._call(self._tracker.client.update_run, run_id, status="RUNNING")
+
+    def find_trial_run(self, group: str, slot: str) -> Any | None:
+        """The MLflow run of the trial at `slot` (see trial_slot) in `group`, if one was started."""
+        runs = self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
+                          f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
+        return runs[0] if runs else None
+
+    def group_runs(self, group: str) -> list[Any]:
+        """Every child run of `group`, oldest first."""
+        return self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
+                          f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` != ''", max_results=50000,
+                          order_by=["attributes.start_time ASC"])
+
+
+def redact(url: str) -> str:
+    """A URL with its password replaced, fit for logs and tags."""
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def open_tracker(uri: str | None, experiment: str, *, wait: bool = True) -> Any:
+    """A RetryingTracker (what searches and ablations record through); wait=False (the checks before anything starts)
+    fails at once on an unreachable server."""
+    try:
+        return RetryingTracker(resolve_uri(uri), experiment, wait=wait)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"tracking store {redact(resolve_uri(uri))} is unreachable: "
+                        f"{str(err).splitlines()[0]}") from None

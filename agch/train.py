@@ -56,11 +56,20 @@ class TrainResult:
     collapsed: bool = False
     deterministic: bool = True
     """False when CUDA ran without a deterministic cuBLAS workspace (see _deterministic_cuda)."""
+    precision: str = "fp32"
+    """see precision_of."""
     reason: str | None = None
     failed_epoch: int | None = None
     codes: dict[str, np.ndarray] = field(default_factory=dict)
     curves: dict[str, np.ndarray] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def precision_of(config: Config, device: str) -> str:
+    """The precision a run of `config` on `device` ('auto', 'cpu', 'cuda[:N]') computes in: 'bf16' (config.bf16 on
+    CUDA) or 'fp32' (bf16 is ignored on CPU). Tagged agch.precision; runs are reused only at the same precision."""
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    return "bf16" if config.bf16 and cuda else "fp32"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -219,7 +228,8 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
         config: every setting (see agch.config); `config.seed` seeds everything.
         data: an open dataset (agch.data.open_dataset).
         callback: called after every epoch with an EpochReport (per-epoch losses, metrics when evaluated, and a
-            checkpoint function). Exceptions it raises propagate (that is how a caller stops a run).
+            checkpoint function). Returning a reason (str) ends the run after that epoch: status 'finished',
+            epochs_run < config.epochs, `reason` says why. Exceptions it raises propagate.
         device: 'auto', 'cpu' or 'cuda[:N]'.
         resume: a checkpoint from EpochReport.state(); training continues after its epoch.
 
@@ -289,7 +299,7 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
         final = dict(metrics, collapsed=float(collapsed))
         return TrainResult(status=status, metrics=final, protocol=protocol, epochs_run=epochs_run,
                            seconds=time.perf_counter() - started, device=str(dev), collapsed=collapsed,
-                           deterministic=deterministic,
+                           deterministic=deterministic, precision=precision_of(config, str(dev)),
                            codes=_codes_with_labels(codes, data, split), curves=curves, history=history, **extra)
 
     model.train()
@@ -336,9 +346,10 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
             evaluated = dict(metrics)
             row.update(evaluated, eval_seconds=time.perf_counter() - t_eval)
         history.append(row)
-        if callback is not None:
-            callback(EpochReport(epoch=epoch, losses=losses, metrics=evaluated, seconds=row["seconds"],
-                                 state=lambda e=epoch: state(e)))
+        stop = callback and callback(EpochReport(epoch=epoch, losses=losses, metrics=evaluated,
+                                                 seconds=row["seconds"], state=lambda e=epoch: state(e)))
+        if stop and epoch < config.epochs:
+            return finish("finished", epoch, reason=stop)
     return finish("finished", epoch)
 
 

@@ -20,8 +20,10 @@ import pytest
 import yaml
 
 from agch import config as cfg
-from agch.ablation import analyse, publish, report_tables, run_ablation
-from agch.ablation_plan import build_plan, load_spec
+from agch.ablation import run_ablation
+from agch.ablation_report import analyse, publish, report_tables
+from agch.ablation_plan import build_plan
+from agch.ablation_spec import load_spec
 from agch.cli.ablate import main
 from tests.conftest import STRONG_IMAGES
 
@@ -115,9 +117,9 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     assert len(children) == len(plan.trials()) == 3 * SEEDS
     assert {c.data.tags["agch.identity"] for c in children} == {t.identity for t in plan.trials()}
     keys = set(cfg.to_flat(cfg.Config()))
-    for child in children:  # the broken arm's codes collapse: the runner closes those runs FAILED, tagged collapsed
+    for child in children:  # the broken arm's codes collapse: a result, its run FINISHED and tagged collapsed
         collapsed = child.data.tags["agch.collapsed"] == "True"
-        assert child.info.status == ("FAILED" if collapsed else "FINISHED") and set(child.data.params) == keys
+        assert child.info.status == "FINISHED" and set(child.data.params) == keys
         assert child.data.params["eval_split"] == "validation"  # an ablation compares settings: off the test queries
         assert collapsed == (child.data.params["fixes.quantization"] == "True")
         config = cfg.from_flat(child.data.params)
@@ -136,6 +138,7 @@ def test_recorded_cells_are_reused_not_retrained(first_ablation, tiny_file, in_s
     total = 3 * SEEDS
     assert f"{total} of {total} cell × seed runs are already recorded" in out
     assert f"0 trained now, {total} reused from earlier runs" in out
+    assert f"reused {total} run(s) recorded by tiny-broken (experiment " in out  # and where they came from
     assert "hurts" in out
     assert len(runs(store, "tags.`agch.identity` != ''")) == before  # nothing trained
     latest = runs(store, "tags.`agch.kind` = 'ablation'")[0]  # newest first
@@ -146,6 +149,11 @@ def test_recorded_cells_are_reused_not_retrained(first_ablation, tiny_file, in_s
     captured = capsys.readouterr()
     assert "1 seed: the runs go ahead, but no verdict is possible" in captured.err
     assert captured.out.count("no verdict possible (1 seed; need >= 2)") == 8
+    # A run recorded at another precision (bf16 on a GPU) is not the same result: it is retrained, not reused.
+    seed0 = [r for r in runs(store, "tags.`agch.identity` != ''") if r.data.params["seed"] == "0"]
+    client(store).set_tag(seed0[0].info.run_id, "agch.precision", "bf16")
+    assert main([str(tiny_file), "--experiment", "abl", "--seeds", "1"]) == 0
+    assert "1 trained now, 2 reused from earlier runs" in capsys.readouterr().out
 
 
 def test_resume_after_interruption_retrains_nothing_and_duplicates_no_run(tiny_file, tmp_path, capsys):

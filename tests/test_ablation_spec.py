@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from agch import config as cfg
-from agch.ablation_plan import (DEFAULT_BUDGET, SHIPPED_DIR, build_plan, cell_identity, load_spec, parse_spec,
-                                resolve_spec_path, trial_identity)
+from agch.ablation_plan import build_plan, cell_identity, trial_identity
+from agch.ablation_spec import DEFAULT_BUDGET, SHIPPED_DIR, load_spec, parse_spec, resolve_spec_path
 from agch.cli.ablate import build_parser, main, spec_from_args
 from agch.errors import UserError
 
@@ -151,7 +151,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, cap
 
 def test_tune_groups_are_grids_whose_trials_are_exactly_the_plans() -> None:
     from agch.ablation import group_identities, tune_groups
-    from agch.runner import RunContext, trial_config
+    from agch.trial import RunContext, trial_config
 
     plan = build_plan(load_spec(SHIPPED_DIR / "debug_log_story.yaml"), DS)
     trials = plan.trials()
@@ -186,7 +186,7 @@ def test_toggles_switch_any_config_key_like_a_fix() -> None:
 
 def test_tune_groups_of_toggled_keys_rebuild_the_plans_configs() -> None:
     from agch.ablation import group_identities, tune_groups
-    from agch.runner import RunContext, trial_config
+    from agch.trial import RunContext, trial_config
 
     plan = build_plan(spec(design="one-fix", fixes=[], toggles={"feature_norm": ["none", "standardize"]}), DS)
     (group,) = tune_groups(plan, plan.trials(), prefix="g")
@@ -235,3 +235,11 @@ def test_a_config_file_is_the_base_whose_switched_keys_take_the_factors_values(t
                  for on, off in zip(by_name["alignment"].on, by_name["alignment"].off)]
     assert [(a.fixes.alignment, b.fixes.alignment, a.bits) for a, b in alignment] == [(True, False, 32)]
     assert {c.config.feature_norm for c in plan.cells.values()} == {"standardize"}
+
+
+def test_a_new_trainer_version_is_a_new_identity(monkeypatch) -> None:
+    """Runs of an older trainer computed something else: their identity differs, so they are never reused."""
+    config = cfg.apply(cfg.preset("paper"), {"bits": 16})
+    before = trial_identity(config, 0, DS)
+    monkeypatch.setattr(cfg, "TRAINER_VERSION", cfg.TRAINER_VERSION + 1)
+    assert trial_identity(config, 0, DS) != before

@@ -7,6 +7,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from agch import config as cfg
 from agch.cli.train import main
 from agch.config import to_flat
 from agch.metrics import evaluate_hashing
@@ -122,7 +123,31 @@ def test_eval_split_option_is_the_set_it_stands_for_and_checks_its_value(capsys)
     from agch.cli.train import build_parser
 
     args = build_parser().parse_args(["--eval-split", "validation"])
-    assert config_from_args(args).eval_split == "validation"
+    assert config_from_args(args)[1].eval_split == "validation"
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--eval-split", "queries"])
     assert "must be one of test, validation, got 'queries'" in capsys.readouterr().err
+
+
+def test_one_config_layering_for_train_search_and_ablate(tmp_path):
+    """--preset beats the --config file's preset; --set beats the file; --fix and --seed come last: in all three."""
+    from agch.cli.ablate import build_parser as ablate_parser
+    from agch.cli.ablate import spec_from_args
+    from agch.cli.common import config_from_args
+    from agch.cli.search import _overrides
+    from agch.cli.search import build_parser as search_parser
+    from agch.cli.train import build_parser
+
+    base = tmp_path / "base.yaml"
+    base.write_text("preset: debug-log\ndelta: 0.5\nbits: 16\nfixes:\n  balance: on\n")
+    line = ["--config", str(base), "--preset", "paper", "--set", "bits=32", "--fix", "balance=off"]
+    preset, config = config_from_args(build_parser().parse_args([*line, "--seed", "3"]))
+    assert (preset, config.delta, config.bits, config.fixes.balance, config.seed) == ("paper", 0.5, 32, False, 3)
+    assert config.distance == cfg.preset("paper").distance  # the paper preset, not the file's debug-log
+    preset, overrides = _overrides(search_parser().parse_args(["run", "space.yaml", *line, "--seed", "3"]))
+    assert preset == "paper" and overrides == {"delta": 0.5, "bits": "32", "fixes.balance": "off", "seed": 3}
+    spec = spec_from_args(ablate_parser().parse_args(["--fix", "alignment", *line]))
+    assert {d.preset for d in spec.designs} == {"paper"}
+    assert spec.overrides["delta"] == 0.5 and spec.overrides["bits"] == "32" and spec.overrides["fixes.balance"] == "off"
+    preset, config = config_from_args(build_parser().parse_args(["--config", str(base)]))
+    assert preset == "debug-log" and config.bits == 16  # without --preset the file's own preset holds

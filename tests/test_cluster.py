@@ -93,7 +93,7 @@ def _children(runs, group: str):
 
 
 def _ended(runs) -> bool:
-    """Every run closed: finished, or failed with its reason (a collapsed tiny trial is a legitimate failure)."""
+    """Every run closed: finished (collapsed codes included), or failed with its reason."""
     return all(r.info.status == "FINISHED" or (r.info.status == "FAILED" and r.data.tags.get("agch.reason"))
                for r in runs)
 

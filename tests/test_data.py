@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from agch.cli.data import main
-from agch.data import META_KEYS, open_dataset, shared_label_rate, summarize, write_dataset
+from agch.data import META_KEYS, open_dataset, write_dataset
+from agch.data_summary import shared_label_rate, summarize
 from agch.errors import DatasetError, UserError
 from agch.splits import Split, make_split
 

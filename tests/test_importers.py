@@ -13,7 +13,8 @@ import scipy.sparse
 
 from tests.conftest import SHARED_DATA
 from agch.cli.data import main
-from agch.data import open_dataset, shared_label_rate
+from agch.data import open_dataset
+from agch.data_summary import shared_label_rate
 from agch.errors import DatasetError, UserError
 from agch.importers import FEATURES_REQUIRED, MatFile, import_mat, read_mat_array
 

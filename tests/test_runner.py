@@ -10,41 +10,41 @@ from pathlib import Path
 import pytest
 
 from agch import config as cfg
-from agch import runner
+from agch import runner, tracking, trial
 from agch.errors import UserError
 from agch.tracking import Tracker
 from tests.conftest import TINY
 
 
-def context(tracking_uri: str, dataset: Path, parent: str, group: str = "grid", **base: object) -> runner.RunContext:
+def context(tracking_uri: str, dataset: Path, parent: str, group: str = "grid", **base: object) -> trial.RunContext:
     # text_input on: without it the paper's text codes collapse on this tiny set (the debugging log's story)
     config = cfg.apply(cfg.preset("paper"), {**TINY, "epochs": 2, "eval_every": 1, "fixes.text_input": True, **base})
-    return runner.RunContext(dataset=str(dataset), tracking_uri=tracking_uri, experiment="runner-test",
+    return trial.RunContext(dataset=str(dataset), tracking_uri=tracking_uri, experiment="runner-test",
                              parent_run_id=parent, device="cpu", base=cfg.to_flat(config), group=group)
 
 
 def test_trial_config_applies_params_fixes_and_seed_offsets(tiny_dataset: Path) -> None:
     ctx = context("sqlite:///unused.db", tiny_dataset, "p", seed=3)
-    config = runner.trial_config(ctx, {"delta": "0.5", "fixes": {"alignment": True}, "fixes.text-input": "on"})
+    config = trial.trial_config(ctx, {"delta": "0.5", "fixes": {"alignment": True}, "fixes.text-input": "on"})
     assert (config.delta, config.fixes.alignment, config.fixes.text_input, config.seed) == (0.5, True, True, 3)
-    assert runner.trial_config(ctx, {runner.SEED_OFFSET: 2}).seed == 5
+    assert trial.trial_config(ctx, {trial.SEED_OFFSET: 2}).seed == 5
     with pytest.raises(UserError, match="unknown config key 'dleta'"):
-        runner.trial_config(ctx, {"dleta": 1})
+        trial.trial_config(ctx, {"dleta": 1})
 
 
 def test_trial_slot_names_a_place_not_a_tune_trial(tiny_dataset: Path) -> None:
     ctx = context("sqlite:///unused.db", tiny_dataset, "p")
-    params = {"delta": 0.5, runner.TRIAL_NUMBER: 3}
-    assert runner.trial_slot(ctx, dict(reversed(params.items()))) == runner.trial_slot(ctx, params)
-    assert runner.trial_slot(ctx, {**params, runner.TRIAL_NUMBER: 4}) != runner.trial_slot(ctx, params)
+    params = {"delta": 0.5, trial.TRIAL_NUMBER: 3}
+    assert trial.trial_slot(ctx, dict(reversed(params.items()))) == trial.trial_slot(ctx, params)
+    assert trial.trial_slot(ctx, {**params, trial.TRIAL_NUMBER: 4}) != trial.trial_slot(ctx, params)
     other_parent = context("sqlite:///unused.db", tiny_dataset, "q")
-    assert runner.trial_slot(other_parent, params) != runner.trial_slot(ctx, params)
-    assert runner.trial_config(ctx, params).delta == 0.5  # the trial number is bookkeeping, not a config key
+    assert trial.trial_slot(other_parent, params) != trial.trial_slot(ctx, params)
+    assert trial.trial_config(ctx, params).delta == 0.5  # the trial number is bookkeeping, not a config key
 
 
 def test_runs_of_trials_tune_no_longer_knows_are_tagged_lost(tmp_path: Path, tiny_dataset: Path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = runner.RetryingTracker(uri, "runner-test")
+    tracker = tracking.RetryingTracker(uri, "runner-test")
     ctx = context(uri, tiny_dataset, tracker.start_run("parent"))
     ids = {}
     for trial_id in ("kept", "gone", "errored"):
@@ -60,27 +60,39 @@ def test_runs_of_trials_tune_no_longer_knows_are_tagged_lost(tmp_path: Path, tin
     assert [o.trial_id for o in runner.outcomes(ctx)] == ["kept", "errored"]
 
 
-def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path) -> None:
-    db = tmp_path / "mlflow.db"
-    tracker = runner.RetryingTracker(f"sqlite:///{db}", "locks")
-    run_id = tracker.start_run("r")
-    locked = threading.Event()
+def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path, monkeypatch) -> None:
+    """Another writer holds the database past SQLite's own busy timeout; it lets go only once the tracker has met
+    the lock and backs off (its sleep releases the lock), so nothing here depends on how long anything takes."""
+    import types
 
-    def hold_lock() -> None:  # another writer holds the database past SQLite's own 5 s busy timeout
+    db = tmp_path / "mlflow.db"
+    tracker = tracking.RetryingTracker(f"sqlite:///{db}", "locks")
+    run_id = tracker.start_run("r")
+    locked, release, released = threading.Event(), threading.Event(), threading.Event()
+    backoffs: list[float] = []
+
+    def hold_lock() -> None:
         blocker = sqlite3.connect(db, timeout=0)
         blocker.execute("BEGIN EXCLUSIVE")
         locked.set()
-        time.sleep(6.5)
+        release.wait(120)
         blocker.rollback()
         blocker.close()
+        released.set()
 
+    def backoff(seconds: float) -> None:  # the tracker met "database is locked" and backs off
+        backoffs.append(seconds)
+        release.set()
+        released.wait(120)
+
+    monkeypatch.setattr(tracking, "time", types.SimpleNamespace(sleep=backoff, monotonic=time.monotonic,
+                                                                 time=time.time))
     holder = threading.Thread(target=hold_lock)
     holder.start()
     locked.wait()
-    started = time.monotonic()
     tracker.log_metrics(run_id, {"m": 1.0}, step=0)
     holder.join()
-    assert time.monotonic() - started > 5  # it did meet the lock, and got through it
+    assert len(backoffs) == 1 and 0 < backoffs[0] <= 4.0  # it met the lock once, backed off, and got through
     assert Tracker(f"sqlite:///{db}", "locks").client.get_run(run_id).data.metrics == {"m": 1.0}
 
 
@@ -90,7 +102,7 @@ def test_grid_trials_record_one_run_each_and_a_failure_does_not_stop_the_rest(ra
     from ray import tune
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracker = runner.RetryingTracker(uri, "runner-test")
+    tracker = tracking.RetryingTracker(uri, "runner-test")
     parent = tracker.start_run("grid")
     ctx = context(uri, tiny_dataset, parent)
     seen: list[str] = []
@@ -125,18 +137,42 @@ def test_an_error_met_while_the_tracking_server_is_down_says_how_to_continue() -
 
 
 def test_tracking_wait_is_read_from_the_environment_and_checked(monkeypatch) -> None:
-    monkeypatch.setenv(runner.TRACKING_WAIT_S, "42")
-    assert runner.tracking_wait_s() == 42
-    monkeypatch.setenv(runner.TRACKING_WAIT_S, "ten minutes")
+    monkeypatch.setenv(tracking.TRACKING_WAIT_S, "42")
+    assert tracking.tracking_wait_s() == 42
+    monkeypatch.setenv(tracking.TRACKING_WAIT_S, "ten minutes")
     with pytest.raises(UserError, match="AGCH_TRACKING_WAIT_S must be a number of seconds, got 'ten minutes'"):
-        runner.tracking_wait_s()
+        tracking.tracking_wait_s()
 
 
 def test_a_check_before_starting_does_not_wait_for_an_unreachable_server(monkeypatch) -> None:
     from tests.services import free_port
 
-    monkeypatch.setenv(runner.TRACKING_WAIT_S, "600")
+    monkeypatch.setenv(tracking.TRACKING_WAIT_S, "600")
     started = time.monotonic()
     with pytest.raises(UserError, match="is unreachable"):
-        runner.RetryingTracker(f"http://127.0.0.1:{free_port()}", "x", wait=False)
+        tracking.RetryingTracker(f"http://127.0.0.1:{free_port()}", "x", wait=False)
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_a_collapsed_trial_finishes_with_its_value_and_can_stop_at_its_first_collapsed_evaluation(
+        ray_session, tiny_dataset: Path, tmp_path: Path) -> None:
+    """A quantization term 1000 times too strong pins every code to one corner within an epoch."""
+    import dataclasses
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = tracking.RetryingTracker(uri, "runner-test").start_run("collapse")
+    ctx = context(uri, tiny_dataset, parent, group="collapse", epochs=3, quant_weight=1000,
+                  **{"fixes.quantization": True})
+    found = {}
+    for stop in (True, False):
+        [found[stop]] = runner.run_trials(dataclasses.replace(ctx, stop_on_collapse=stop, group=f"collapse-{stop}"),
+                                          param_space={}, metric="epoch", mode="max", resources={"cpu": 1}, max_concurrent=1,
+                                          storage_dir=tmp_path / "tune", name=f"collapse-{stop}")
+    for stop, outcome in found.items():
+        assert outcome.status == "finished" and outcome.metrics["collapsed"] == 1.0, outcome
+        assert "map50_mean" in outcome.metrics
+    assert found[True].epochs == 1 and "stopped after epoch 1: codes collapsed" in found[True].reason
+    assert found[False].epochs == 3 and not found[False].reason
+    run = tracking.RetryingTracker(uri, "runner-test").client.get_run(found[True].run_id)
+    assert (run.info.status, run.data.tags["agch.collapsed"]) == ("FINISHED", "True")

@@ -213,13 +213,13 @@ def test_a_restored_search_hands_out_first_the_trials_a_killed_driver_had_asked_
     t2's Optuna trial (same params, same number) to the first trial it is asked for, then asks new ones."""
     import optuna
 
-    from agch import search
-    from agch.runner import TRIAL_NUMBER
+    from agch import search, study_search
+    from agch.trial import TRIAL_NUMBER
 
     space = search_space.load_space("spaces/delta_gamma.yaml")
 
     def searcher() -> object:
-        return search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
+        return study_search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
                                   mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
                                   storage=search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
 
@@ -233,3 +233,55 @@ def test_a_restored_search_hands_out_first_the_trials_a_killed_driver_had_asked_
     assert restored.suggest("t4")[TRIAL_NUMBER] == 2
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert len(study.trials) == 3  # no trial was asked twice or failed for being lost
+
+
+def test_a_collapsed_trial_is_a_measured_result_for_optuna_and_a_failed_one_is_not(tmp_path: Path) -> None:
+    """TPE ignores FAIL trials: a collapse reported as FAIL would leave it sampling where codes collapse."""
+    import optuna
+
+    from agch import search, study_search
+    from agch.trial import FINAL
+
+    space = search_space.load_space("spaces/delta_gamma.yaml")
+    searcher = study_search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
+                                  mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="c",
+                                  storage=search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    for trial_id in ("collapsed", "failed", "fine"):
+        searcher.suggest(trial_id)
+    searcher.on_trial_complete("collapsed", {"map50_mean": 0.31, "epoch": 2, "collapsed": 1.0, FINAL: 1})
+    searcher.on_trial_complete("failed", None, error=True)
+    searcher.on_trial_complete("fine", {"map50_mean": 0.62, "epoch": 5, "collapsed": 0.0, FINAL: 1})
+    collapsed, failed, fine = optuna.load_study(study_name="c", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert (collapsed.state, collapsed.value, collapsed.user_attrs.get("collapsed")) == (
+        optuna.trial.TrialState.COMPLETE, 0.31, True)
+    assert failed.state == optuna.trial.TrialState.FAIL
+    assert (fine.state, fine.value, "collapsed" in fine.user_attrs) == (optuna.trial.TrialState.COMPLETE, 0.62, False)
+
+
+def test_stop_on_collapse_is_a_scheduler_switch_on_by_default(tmp_path: Path) -> None:
+    assert search_space.load_space("spaces/delta_gamma.yaml").stop_on_collapse is True
+    off = search_space.load_space(str(write_space(tmp_path, "preset: paper\nparameters:\n  delta: {low: 0.1, high: 1}\n"
+                                                            "scheduler: {name: none, stop_on_collapse: false}\n")))
+    assert off.stop_on_collapse is False
+    with pytest.raises(UserError, match=r"line 4: scheduler.stop_on_collapse: must be true or false, got 'no'"):
+        search_space.load_space(str(write_space(tmp_path, "preset: paper\nparameters:\n  delta: {low: 0.1, high: 1}\n"
+                                                          "scheduler: {name: none, stop_on_collapse: 'no'}\n")))
+
+
+def test_contract_with_the_ray_and_optuna_internals_studysearch_uses(tmp_path: Path) -> None:
+    """agch.study_search.StudySearch reads OptunaSearch's private _ot_study and _ot_trials and builds optuna Trials from
+    their ids. pyproject pins the versions this was tested with; this fails loudly if those internals change."""
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)}, metric="m", mode="max",
+                            study_name="contract", storage=optuna.storages.RDBStorage(storage))
+    searcher.suggest("t1")
+    assert isinstance(getattr(searcher, "_ot_study", None), optuna.Study), "OptunaSearch._ot_study changed"
+    trials = getattr(searcher, "_ot_trials", None)
+    assert isinstance(trials, dict) and isinstance(trials.get("t1"), optuna.Trial), "OptunaSearch._ot_trials changed"
+    frozen = searcher._ot_study.get_trials(deepcopy=False)[0]
+    assert isinstance(getattr(frozen, "_trial_id", None), int), "optuna FrozenTrial._trial_id changed"
+    again = optuna.Trial(searcher._ot_study, frozen._trial_id)
+    assert again.number == trials["t1"].number == 0 and "x" in again.params

@@ -13,7 +13,8 @@ import pytest
 import scipy.io
 import torch
 
-from agch.data import open_dataset, shared_label_rate
+from agch.data import open_dataset
+from agch.data_summary import shared_label_rate
 from agch.errors import UserError
 from agch.metrics import map_at_k, random_ranking_map, relevance
 from agch.synth import (

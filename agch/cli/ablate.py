@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from agch import config as cfg
-from agch.cli.common import add_common_options, config_file, dataset_path, parse_pairs, run_main
+from agch.cli.common import add_common_options, config_layers, dataset_path, parse_pairs, run_main
 from agch.errors import UserError, unknown
 
 EPILOG = """examples:
@@ -26,7 +26,7 @@ A cell × seed already recorded in the tracking store (same config identity, see
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agch.ablation_plan import DEFAULT_BUDGET, DEFAULT_SEEDS, DESIGNS
+    from agch.ablation_spec import DEFAULT_BUDGET, DEFAULT_SEEDS, DESIGNS
 
     parser = argparse.ArgumentParser(
         prog="agch-ablate", description="Ablate the debugging log's fixes: each on vs off, same seeds, paired tests.",
@@ -57,16 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The ablation file (or the default design) with the command line's options layered on top."""
-    from agch.ablation_plan import (DEFAULT_BUDGET, AblationSpec, Design, DESIGNS, check_not_fixed, check_resources,
+    from agch.ablation_spec import (DEFAULT_BUDGET, DESIGNS, AblationSpec, Design, check_not_fixed, check_resources,
                                     load_spec, resolve_spec_path, toggle_list)
 
     toggled = tuple(cfg.fix_name(f, "--fix") for f in args.fixes if "=" not in f)
-    held = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in
-            parse_pairs([f for f in args.fixes if "=" in f], "--fix").items()}
     if len(set(toggled)) != len(toggled):
         raise UserError("--fix: a fix is toggled twice")
     switched = toggle_list({k: v.split(",") for k, v in parse_pairs(args.toggles, "--toggle").items()}, "--toggle")
-    preset, config_overrides = config_file(args)
+    preset, layers = config_layers(args, held_fixes_only=True, seed=False)
     if args.file is not None:
         spec = load_spec(resolve_spec_path(args.file))
         where = f"{args.file} overrides"
@@ -81,8 +79,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
                         "a config key (--toggle KEY=OFF,ON) or an ablation file")
     if toggled or switched:
         spec = dataclasses.replace(spec, fixes=toggled, toggles=switched)
-    sources = [(spec.overrides, where), (config_overrides, str(args.config)),
-               (parse_pairs(args.overrides, "--set"), "--set"), (held, "--fix NAME=on|off")]
+    sources = [(spec.overrides, where), *layers]
     for overrides, source in sources:
         if source != str(args.config):  # a --config file is a base: the factors' own values replace its keys
             check_not_fixed(spec.factors, overrides, source)
@@ -128,7 +125,8 @@ def live_line(label: str, seed: int, metrics: dict[str, Any], topk: int) -> str 
 
 
 def run(argv: list[str] | None) -> int:
-    from agch.ablation import analyse, publish, report_tables, run_ablation
+    from agch.ablation import run_ablation
+    from agch.ablation_report import analyse, publish, report_tables
     from agch.tracking import outage_hint, resolve_uri
 
     args = build_parser().parse_args(argv)

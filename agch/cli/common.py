@@ -10,9 +10,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from agch import config as cfg
+from agch.config import load_yaml
 from agch.errors import UserError
 
 
@@ -23,10 +23,11 @@ def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "p
     """
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset file (agch-data format); default: the bundled synthetic MIRFlickr-like set")
-    parser.add_argument("--preset", default="paper" if preset_default == "paper" else None,
+    parser.add_argument("--preset", default=None,
                         help=f"base settings: {', '.join(cfg.PRESETS)} (default {preset_default})")
     parser.add_argument("--config", type=Path, default=None,
-                        help="YAML of config keys (optionally 'preset: NAME'); applied after --preset")
+                        help="YAML of config keys (optionally 'preset: NAME', which --preset overrides); "
+                             "--set, --fix and --seed override its keys")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set delta=1.0 (repeatable)")
     parser.add_argument("--fix", dest="fixes", action="append", default=[], metavar="NAME=on|off",
@@ -60,41 +61,38 @@ def parse_pairs(items: Sequence[str], option: str) -> dict[str, str]:
     return out
 
 
-def load_yaml(path: Path) -> Any:
-    """Parse a YAML file; syntax errors name the file and line."""
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark is not None else ""
-        raise UserError(f"{path}{line}: malformed YAML: {getattr(err, 'problem', err)}") from None
+def config_layers(args: argparse.Namespace, *, held_fixes_only: bool = False,
+                  seed: bool = True) -> tuple[str | None, list[tuple[dict[str, Any], str]]]:
+    """The one config layering of agch-train, agch-search and agch-ablate.
+
+    Returns (preset, layers). preset: --preset, else the --config file's `preset:`, else None (the command's own
+    default: paper, the space file's, the design's). layers, applied in order (later wins): the --config file's keys,
+    --set, --fix NAME=on|off, then --seed (unless seed=False: agch-ablate numbers its seeds from it).
+    held_fixes_only: a bare --fix NAME is the ablation's subject, not a layer (agch-ablate).
+    """
+    file_preset, from_file = None, {}
+    if args.config is not None:
+        loaded = load_yaml(args.config) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
+        from_file = cfg.flat_overrides(loaded, str(args.config))
+        file_preset = from_file.pop("preset", None)
+    held = [f for f in args.fixes if "=" in f] if held_fixes_only else args.fixes
+    fixes = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in parse_pairs(held, "--fix").items()}
+    layers = [(from_file, str(args.config)), (parse_pairs(args.overrides, "--set"), "--set"), (fixes, "--fix")]
+    if seed and args.seed is not None:
+        layers.append(({"seed": args.seed}, "--seed"))
+    return args.preset or file_preset, layers
 
 
-def config_file(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    """(preset, overrides) from --preset and the --config YAML, whose own 'preset:' key wins."""
-    base = args.preset
-    if args.config is None:
-        return base, {}
-    loaded = load_yaml(args.config) or {}
-    if not isinstance(loaded, dict):
-        raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
-    overrides = dict(loaded)
-    return overrides.pop("preset", base), overrides
-
-
-def config_from_args(args: argparse.Namespace) -> cfg.Config:
-    """Preset, then the --config file, then --set, then --fix, then --seed."""
-    base, file_overrides = config_file(args)
-    config = cfg.preset(base)
-    config = cfg.apply(config, file_overrides, where=str(args.config) if args.config else "")
-    config = cfg.apply(config, parse_pairs(args.overrides, "--set"), where="--set")
-    fixes = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in parse_pairs(args.fixes, "--fix").items()}
-    config = cfg.apply(config, fixes, where="--fix")
-    if args.seed is not None:
-        config = cfg.apply(config, {"seed": args.seed}, where="--seed")
-    return config
+def config_from_args(args: argparse.Namespace, default_preset: str = "paper") -> tuple[str, cfg.Config]:
+    """(preset name, config): the preset, then each of config_layers in order."""
+    preset, layers = config_layers(args)
+    preset = preset or default_preset
+    config = cfg.preset(preset)
+    for overrides, where in layers:
+        config = cfg.apply(config, overrides, where=where)
+    return preset, config
 
 
 def dataset_path(args: argparse.Namespace) -> Path:

@@ -129,7 +129,8 @@ def _key_list(text: str) -> list[str]:
 
 
 def _print_info(path: Path, *, as_json: bool) -> int:
-    from agch.data import open_dataset, summarize
+    from agch.data import open_dataset
+    from agch.data_summary import summarize
 
     with open_dataset(path) as ds:
         summary = summarize(ds)
@@ -138,7 +139,7 @@ def _print_info(path: Path, *, as_json: bool) -> int:
 
 
 def format_summary(s: dict[str, Any]) -> list[str]:
-    """The human-readable lines of `agch.data.summarize`'s dict."""
+    """The human-readable lines of `agch.data_summary.summarize`'s dict."""
     split, tags, shared, chance = s["split"], s["tags"], s["shared_label_rate"], s["random_ranking"]
     seed = f"seed {split['seed']}" if split["seed"] >= 0 else "not seeded"
     synthetic = "; ".join(f"{part}: {how}" for part, how in s["synthetic"].items()) or "none (all parts real)"

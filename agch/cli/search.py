@@ -9,9 +9,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from agch import config as cfg
-from agch.cli.common import add_common_options, load_yaml, parse_pairs, run_main
-from agch.errors import UserError
+from agch.cli.common import add_common_options, config_layers, run_main
 
 STATE_ORDER = ("running", "finished", "stopped", "failed", "interrupted")
 
@@ -44,20 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--config, --set, --fix, --seed as config keys, in that order of precedence (later wins)."""
-    overrides: dict[str, Any] = {}
-    if args.config is not None:
-        loaded = load_yaml(args.config) or {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{args.config}: expected a mapping of config keys, got {type(loaded).__name__}")
-        overrides.update({k: v for k, v in loaded.items() if k != "preset"})
-        args.preset = args.preset or loaded.get("preset")
-    overrides.update(parse_pairs(args.overrides, "--set"))
-    overrides.update({f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in parse_pairs(args.fixes, "--fix").items()})
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    return overrides
+def _overrides(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """(preset, overrides): agch.cli.common.config_layers merged into one mapping (later layers win)."""
+    preset, layers = config_layers(args)
+    return preset, {k: v for overrides, _ in layers for k, v in overrides.items()}
 
 
 class LiveTable:
@@ -178,7 +166,8 @@ def _run(args: argparse.Namespace) -> int:
     from agch.space import load_space
 
     data = args.data.expanduser().resolve() if args.data else None
-    space = load_space(args.space, overrides=_overrides(args), preset=args.preset, trials=args.trials,
+    preset, overrides = _overrides(args)
+    space = load_space(args.space, overrides=overrides, preset=preset, trials=args.trials,
                        epochs=args.epochs, dataset=data)
     return _report(lambda table: search.start(
         space, name=args.name, tracking_uri=args.tracking_uri, experiment=args.experiment, storage_url=args.storage,

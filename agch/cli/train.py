@@ -40,13 +40,13 @@ def run(argv: list[str] | None) -> int:
     from agch.train import describe_protocol, protocol_of, resolve_device, train
 
     args = build_parser().parse_args(argv)
-    config = config_from_args(args)
+    preset, config = config_from_args(args)
     device = str(resolve_device(args.device))  # every user error is found before anything is recorded
     with open_dataset(dataset_path(args)) as data:
         tracker = None if args.no_tracking else Tracker(args.tracking_uri, args.experiment)
         run_id = None
         if tracker is not None:
-            label = args.preset if args.method == "agch" else args.method
+            label = preset if args.method == "agch" else args.method
             name = args.run_name or f"{label}-{config.bits}bit-seed{config.seed}"
             run_id = tracker.start_run(name, tags={**run_tags(config, data), "agch.method": args.method})
             tracker.log_params(run_id, to_flat(config))

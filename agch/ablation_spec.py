@@ -1,0 +1,304 @@
+"""Ablation files: their schema and validation, the designs and defaults, and the per-trial resources.
+
+An ablation switches factors on a base config and trains every resulting config ("cell") with the same seeds, so
+each factor can be judged by a paired comparison (agch.stats). A factor is one of the debugging log's fixes
+(agch.config.Fixes, off/on) or any other config key between two values (`toggles`: off value, on value), such as
+feature_norm none vs standardize.
+
+Designs (each switches the ablation's factors; the base is a preset plus the file's overrides):
+  one-fix        each factor on vs off, the other factors as the base has them (default base: paper)
+  add-one-in     the base with every factor off, then each factor switched on alone (default base: paper)
+  leave-one-out  the base with every factor on, then each factor switched off alone (default base: debug-log)
+  factorial      every on/off combination of the factors; each factor's main effect (default base: paper)
+
+agch.ablation_plan expands a spec into cells and comparisons; agch.ablation runs the plan and reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agch import config as cfg
+from agch.errors import UserError, unknown
+
+DESIGNS: dict[str, str] = {
+    "one-fix": "paper",
+    "add-one-in": "paper",
+    "leave-one-out": "debug-log",
+    "factorial": "paper",
+}
+"""Each design and the preset it starts from unless the file or --preset names another."""
+
+DEFAULT_SEEDS = 5
+"""Seeds per cell unless told otherwise: the fewest with which a paired t interval is usefully narrow."""
+
+DEFAULT_BUDGET: dict[str, Any] = {"epochs": 4, "eval_every": 4, "bits": 32, "text_hidden": 256, "gcn_hidden": 128}
+"""The budget of `agch-ablate --fix NAME` without a file: 2 cells × 5 seeds finish in a few minutes on a 2-core
+CPU on the default synthetic dataset (docs/ablation.md has the measured time). Override with --epochs / --set."""
+
+DEFAULT_RESOURCES: dict[str, float] = {"cpu": 1.0}
+"""Per trial. `gpu` unset means AUTO_GPU_FRACTION when this machine has a GPU, else none."""
+RESOURCE_KEYS = ("cpu", "gpu")
+AUTO_GPU_FRACTION = 0.25
+"""Trials are small (architecture.md): four share one GPU unless the file or --gpus-per-trial says otherwise."""
+
+SPEC_KEYS = ("name", "description", "design", "preset", "fixes", "toggles", "overrides", "seeds", "dataset",
+             "bits", "epochs", "resources", "max_concurrent")
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "ablations"
+
+
+@dataclass(frozen=True)
+class Design:
+    """One design and the preset its base starts from."""
+
+    kind: str
+    preset: str
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One thing an ablation switches: a config key between an off and an on value (a fix: fixes.NAME False/True)."""
+
+    name: str
+    """the fix's name (alignment) or the config key (feature_norm)."""
+    key: str
+    """the flat config key (fixes.alignment, feature_norm)."""
+    off: Any
+    on: Any
+
+    @staticmethod
+    def fix(name: str) -> Factor:
+        return Factor(name, f"fixes.{name}", False, True)
+
+    def state(self, config: cfg.Config) -> str:
+        """This factor's setting in `config` for labels: '+alignment' / '-alignment', 'feature_norm=standardize'."""
+        value = cfg.to_flat(config)[self.key]
+        if self.key.startswith("fixes."):
+            return ("+" if value else "-") + self.name.replace("_", "-")
+        return f"{self.name}={value}"
+
+    def describe(self) -> str:
+        """'alignment' for a fix, 'feature_norm none->standardize' for a toggle."""
+        return self.name.replace("_", "-") if self.key.startswith("fixes.") else f"{self.name} {self.off}->{self.on}"
+
+
+@dataclass(frozen=True)
+class AblationSpec:
+    """A validated ablation file (or the equivalent built from the command line)."""
+
+    name: str
+    designs: tuple[Design, ...]
+    fixes: tuple[str, ...]
+    """the toggled fixes (canonical names, file order)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """config keys applied to every design's preset (bits and epochs included); never a switched key or seed."""
+    toggles: tuple[Factor, ...] = ()
+    """the other config keys switched between two values (file order, after the fixes)."""
+    seeds: tuple[int, ...] = tuple(range(DEFAULT_SEEDS))
+    dataset: Path | None = None
+    resources: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_RESOURCES))
+    max_concurrent: int | None = None
+    """trials at once; None: as many as the resources allow."""
+    description: str = ""
+
+    @property
+    def factors(self) -> tuple[Factor, ...]:
+        """Every switched factor: the fixes, then the toggles."""
+        return tuple(Factor.fix(f) for f in self.fixes) + self.toggles
+
+    def to_dict(self) -> dict[str, Any]:
+        """The normalised file form (logged as ablation.yaml on the parent run)."""
+        return {"name": self.name, "description": self.description,
+                "design": [{"kind": d.kind, "preset": d.preset} for d in self.designs],
+                "fixes": [f.replace("_", "-") for f in self.fixes],
+                "toggles": {t.name: [t.off, t.on] for t in self.toggles}, "overrides": dict(self.overrides),
+                "seeds": list(self.seeds), "dataset": str(self.dataset) if self.dataset else None,
+                "resources": dict(self.resources), "max_concurrent": self.max_concurrent}
+
+
+# ---------------------------------------------------------------- validation
+
+
+def seeds_from(value: Any, where: str) -> tuple[int, ...]:
+    """`seeds: 5` → (0..4); `seeds: [3, 7]` → (3, 7). At least one, no repeats."""
+    if isinstance(value, bool) or not isinstance(value, (int, list)):
+        raise UserError(f"{where}: seeds must be a count (e.g. 5) or a list of integers, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
+            raise UserError(f"{where}: seeds must be >= 1 (>= 2 for a verdict), got {value}")
+        return tuple(range(value))
+    if not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        raise UserError(f"{where}: seeds must be a non-empty list of integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise UserError(f"{where}: seeds lists a seed twice: {value}")
+    return tuple(value)
+
+
+def fix_list(value: Any, where: str) -> tuple[str, ...]:
+    """A list of fix names ('text-input' or 'text_input'), canonical, no repeats (empty when absent)."""
+    if value in (None, []):
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise UserError(f"{where}: expected a list of fixes ({', '.join(cfg.FIX_ALIASES)})")
+    names = tuple(cfg.fix_name(str(item), where) for item in items)
+    if len(set(names)) != len(names):
+        raise UserError(f"{where}: a fix is listed twice: {', '.join(map(str, items))}")
+    return names
+
+
+def designs_from(value: Any, preset: str | None, where: str) -> tuple[Design, ...]:
+    """`design: add-one-in`, or a list of names / {kind, preset} mappings."""
+    items = value if isinstance(value, list) else [value]
+    designs = []
+    for i, item in enumerate(items):
+        at = f"{where}.design" + (f"[{i}]" if isinstance(value, list) else "")
+        item_preset = preset
+        if isinstance(item, dict):
+            extra = set(item) - {"kind", "preset"}
+            if extra:
+                raise unknown("design key", sorted(extra)[0], ("kind", "preset"), at)
+            item_preset = item.get("preset", preset)
+            item = item.get("kind")
+        if item not in DESIGNS:
+            raise unknown("design", str(item), DESIGNS, at)
+        chosen = str(item_preset or DESIGNS[item])
+        if chosen not in cfg.PRESETS:
+            raise unknown("preset", chosen, cfg.PRESETS, f"{at} ({item} needs a base preset)")
+        designs.append(Design(item, chosen))
+    if not designs:
+        raise UserError(f"{where}: design must name at least one of {', '.join(DESIGNS)}")
+    return tuple(dict.fromkeys(designs))
+
+
+def toggle_list(value: Any, where: str) -> tuple[Factor, ...]:
+    """`{feature_norm: [none, standardize], batch_size: [32, 128]}` (off value, on value) as factors; each value is
+    checked as that config key would be."""
+    if value in (None, {}):
+        return ()
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a mapping of config keys to [off value, on value]")
+    factors = []
+    for key, pair in value.items():
+        key = str(key)
+        if key.startswith("fixes") or key not in cfg.field_names():
+            known = [k for k in cfg.field_names() if not k.startswith("fixes.")]
+            raise unknown("toggled config key (fixes go under 'fixes')", key, known, where)
+        if key == "seed":
+            raise UserError(f"{where}: seed cannot be toggled (the ablation sets it from 'seeds')")
+        if not isinstance(pair, list) or len(pair) != 2 or pair[0] == pair[1]:
+            raise UserError(f"{where}: {key} needs two different values [off, on], got {pair!r}")
+        off, on = (cfg.to_flat(cfg.apply(cfg.Config(), {key: v}, where=f"{where}.{key}"))[key] for v in pair)
+        factors.append(Factor(key, key, off, on))
+    return tuple(factors)
+
+
+def fixed_fixes(overrides: dict[str, Any], where: str = "") -> set[str]:
+    """Fixes an override mapping sets to a fixed value (`fixes.NAME` keys or a `fixes:` mapping)."""
+    out = set()
+    for key, value in overrides.items():
+        if key == "fixes" and isinstance(value, dict):
+            out.update(cfg.fix_name(str(k), where) for k in value)
+        elif key.startswith("fixes."):
+            out.add(cfg.fix_name(key.split(".", 1)[1], where))
+    return out
+
+
+def check_not_fixed(factors: tuple[Factor, ...], overrides: dict[str, Any], source: str) -> None:
+    """A switched factor cannot also be held fixed (in `source`): the two settings contradict each other."""
+    held = {f"fixes.{f}" for f in fixed_fixes(overrides, source)} | {k for k in overrides if not k.startswith("fixes")}
+    both = [f for f in factors if f.key in held]
+    if both:
+        kind = "fix" if both[0].key.startswith("fixes.") else "config key"
+        raise UserError(f"{kind} '{both[0].name.replace('_', '-')}' is both toggled and held fixed (in {source}); "
+                        "drop one: an ablation cannot switch what it also fixes")
+
+
+def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> AblationSpec:
+    """Validate an ablation file's mapping; every error names the file and key and what is allowed."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a mapping with keys {', '.join(SPEC_KEYS)}")
+    for key in raw:
+        if key not in SPEC_KEYS:
+            raise unknown("ablation key", str(key), SPEC_KEYS, where)
+    for key in ("name", "design"):
+        if raw.get(key) in (None, "", []):
+            raise UserError(f"{where}: missing '{key}'")
+    if raw.get("fixes") in (None, "", []) and raw.get("toggles") in (None, {}):
+        raise UserError(f"{where}: missing 'fixes' (or 'toggles'): nothing to switch")
+    overrides = raw.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise UserError(f"{where}: overrides must be a mapping of config keys")
+    overrides = dict(overrides)
+    for key in ("bits", "epochs"):
+        if key in raw:
+            if key in overrides:
+                raise UserError(f"{where}: '{key}' is given both at the top level and in overrides; keep one")
+            overrides[key] = raw[key]
+    fixes = fix_list(raw.get("fixes"), f"{where}: fixes")
+    toggles = toggle_list(raw.get("toggles"), f"{where}: toggles")
+    check_not_fixed(tuple(Factor.fix(f) for f in fixes) + toggles, overrides, f"{where} overrides")
+    if "seed" in overrides:
+        raise UserError(f"{where}: 'seed' cannot be an override; the ablation sets it from 'seeds'")
+    cfg.apply(cfg.Config(), overrides, where=f"{where}: overrides")  # unknown keys / bad values fail here
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict):
+        raise UserError(f"{where}: resources must be a mapping such as {{cpu: 1, gpu: 0.25}}")
+    resources = check_resources(dict(DEFAULT_RESOURCES, **resources), f"{where}: resources")
+    max_concurrent = raw.get("max_concurrent")
+    if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
+        raise UserError(f"{where}: max_concurrent must be an integer >= 1, got {max_concurrent!r}")
+    dataset = raw.get("dataset")
+    if dataset is not None:
+        dataset = Path(str(dataset)).expanduser()
+        if not dataset.is_absolute() and relative_to is not None:
+            dataset = relative_to / dataset
+    return AblationSpec(
+        name=str(raw["name"]), description=str(raw.get("description") or "").strip(),
+        designs=designs_from(raw["design"], raw.get("preset"), where), fixes=fixes, toggles=toggles,
+        overrides=overrides,
+        seeds=seeds_from(raw.get("seeds", DEFAULT_SEEDS), f"{where}: seeds"), dataset=dataset,
+        resources=resources, max_concurrent=max_concurrent)
+
+
+def check_resources(resources: dict[str, Any], where: str) -> dict[str, float]:
+    """{cpu, gpu} per trial, numbers >= 0, not both 0."""
+    for key, value in resources.items():
+        if key not in RESOURCE_KEYS:
+            raise unknown("resource", key, RESOURCE_KEYS, where)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"{where}: {key} must be a number >= 0, got {value!r}")
+    if not any(resources.values()):
+        raise UserError(f"{where}: a trial must ask for some cpu or gpu")
+    return {k: float(v) for k, v in resources.items()}
+
+
+def trial_resources(resources: dict[str, float], device: str) -> dict[str, float]:
+    """The spec's resources with `gpu` filled in when unset: a fraction of a GPU when one is here and allowed."""
+    if "gpu" in resources:
+        return dict(resources)
+    import torch
+
+    gpu = AUTO_GPU_FRACTION if device != "cpu" and torch.cuda.is_available() else 0.0
+    return dict(resources, gpu=gpu)
+
+
+def resolve_spec_path(arg: str) -> Path:
+    """A user's path, or a shipped file named as `ablations/NAME.yaml`, `NAME.yaml` or `NAME`."""
+    path = Path(arg).expanduser()
+    if path.is_file():
+        return path.resolve()
+    shipped = SHIPPED_DIR / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if shipped.is_file():
+        return shipped
+    known = sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml")) if SHIPPED_DIR.is_dir() else []
+    raise UserError(f"ablation file not found: {arg} (shipped: {', '.join(known) or 'none'})")
+
+
+def load_spec(path: Path) -> AblationSpec:
+    """Read and validate an ablation YAML file."""
+    from agch.config import load_yaml
+
+    return parse_spec(load_yaml(path), str(path), relative_to=path.parent)
