@@ -241,14 +241,18 @@ class GroupRunner:
         from ray import tune
 
         from agch.runner import run_trials
-        from agch.trial import SETTINGS, RunContext
+        from agch.trial import SETTINGS, RunContext, settings_key
 
-        ctx = RunContext(dataset=str(self.dataset), tracking_uri=self.tracking_uri, experiment=self.experiment,
-                         parent_run_id=self.parent, device=self.device, base=group["base"], group=group["name"])
         base = cfg.from_flat(group["base"])
         identity_of = lambda params: trial_identity(  # noqa: E731
             with_settings(base, params[SETTINGS]), params["seed"], self.plan.dataset_identity)
         by_identity = {t.identity: t for t in self.plan.trials()}
+        cells = {settings_key(s): by_identity.get(identity_of({SETTINGS: s, "seed": group["seeds"][0]}))
+                 for s in group["settings"]}
+        ctx = RunContext(dataset=str(self.dataset), tracking_uri=self.tracking_uri, experiment=self.experiment,
+                         parent_run_id=self.parent, device=self.device, base=group["base"], group=group["name"],
+                         name=self.plan.spec.name, kind="ablation",
+                         arm_labels={k: self.plan.cells[t.cell].label for k, t in cells.items() if t is not None})
 
         def name(params: dict[str, Any]) -> tuple[str, int] | None:
             trial = by_identity.get(identity_of(params))
@@ -286,7 +290,7 @@ def record_of(trial: Trial, runs: list[Any], outcome: Any, parent: str, recorded
         source = "reused" if not mine else ("resumed" if recorded_before else "trained")
         tags = run.data.tags
         status = "collapsed" if tags.get("agch.collapsed") == "True" else "finished"
-        origin = None if mine else (f"{tags.get('agch.group') or tags.get('mlflow.runName', '?')} (experiment "
+        origin = None if mine else (f"{tags.get('agch.name') or tags.get('agch.group', '?')} (experiment "
                                     f"{run.info.experiment_id}, parent run {tags.get('mlflow.parentRunId', 'none')})")
         return TrialRecord(trial, status, source, run.info.run_id, dict(run.data.metrics),
                            tags.get("agch.reason") or None, origin)
@@ -299,7 +303,8 @@ def start_parent(tracker: Any, plan: Plan, dataset_tags: dict[str, str]) -> str:
     """The MLflow parent run of one ablation: its spec, cells and comparisons."""
     spec = plan.spec
     parent = tracker.start_run(f"ablation-{spec.name}", tags={
-        "agch.kind": "ablation", "agch.group": spec.name, "agch.plan": plan.identity, **dataset_tags})
+        "agch.kind": "ablation", "agch.group": spec.name, "agch.name": spec.name, "agch.plan": plan.identity,
+        **dataset_tags})
     tracker.log_params(parent, {
         "designs": ", ".join(f"{d.kind} ({d.preset})" for d in spec.designs),
         "factors": ", ".join(f.describe() for f in spec.factors), "seeds": ", ".join(map(str, spec.seeds)),

@@ -3,6 +3,7 @@ notes on reuse and failures, and what is logged on the parent run. The runs them
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +154,15 @@ def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str,
                                f"difference with its 95% t interval\n{protocol_line(run)}")
     tracker.log_files(run.parent_run_id, {name: text for name, text in tables.items() if name != "console"})
     tracker.log_files(run.parent_run_id, {"effects.png": plot})
+    effects, verdicts = {}, {}
+    for r in results:
+        name = re.sub(r"[^A-Za-z0-9_\-]+", ".", r.comparison.name).strip(".")  # 'alignment.one-fix.paper'
+        for key, paired in r.maps.items():
+            effects.update({f"effect.{name}.{key}": paired.diff_mean, f"effect.{name}.{key}.ci_low": paired.ci_low,
+                            f"effect.{name}.{key}.ci_high": paired.ci_high, f"effect.{name}.{key}.p_t": paired.p_t})
+            verdicts[f"agch.verdict.{name}.{key}"] = paired.verdict
+    tracker.log_metrics(run.parent_run_id, effects, step=0)
+    tracker.set_tags(run.parent_run_id, verdicts)
     tracker.set_tags(run.parent_run_id, {
         "agch.trained": run.count(source="trained"), "agch.reused": run.count(source="reused"),
         "agch.resumed": run.count(source="resumed"), "agch.collapsed": run.count(status="collapsed"),

@@ -21,7 +21,7 @@ import yaml
 from agch import config as cfg
 from agch.errors import UserError, need, unknown
 from agch.space import Parameter, SearchSpace, describe_metric, make_sampler, make_scheduler
-from agch.tracking import open_tracker, redact
+from agch.tracking import open_tracker, redact, ui_hint
 
 
 def __getattr__(name: str) -> Any:
@@ -60,6 +60,8 @@ class SearchReport:
     parent_run_id: str
     storage_url: str
     notes: list[str] = field(default_factory=list)
+    ui: str = ""
+    """how to open the MLflow UI on this search's runs (agch.tracking.ui_hint)."""
 
 
 def searches_root() -> Path:
@@ -142,7 +144,8 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
     protocol, references = _protocol(dataset, space)
     start_ray(ray_address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
 
-    parent = tracker.start_run(name, tags={"agch.kind": "search", "agch.group": name, "optuna.study": name,
+    parent = tracker.start_run(name, tags={"agch.kind": "search", "agch.group": name, "agch.name": name,
+                                           "optuna.study": name,
                                            "optuna.storage": redact(storage_url), "agch.protocol": protocol})
     tracker.log_params(parent, {
         "space_file": space.source, "preset": space.preset, "searched": ",".join(p.name for p in space.parameters),
@@ -150,10 +153,12 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
         "scheduler": space.scheduler, "epochs": space.epochs, "grace_period": space.grace_period,
         "reduction_factor": space.reduction_factor, "trials": space.trials, "seeds": space.seeds,
         "concurrency": space.concurrency, "cpus": space.cpus, "gpus": space.gpus, "time_budget_s": space.time_budget_s,
-        "stop_on_collapse": space.stop_on_collapse, "objective": ",".join(space.metrics), "mode": space.mode, "dataset": str(dataset)})
+        "stop_on_collapse": space.stop_on_collapse, "objective": ",".join(space.metrics), "mode": space.mode,
+        "dataset": str(dataset)})
     tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
     ctx = RunContext(dataset=str(dataset), tracking_uri=tracker.uri, experiment=experiment, parent_run_id=parent,
-                     device=device, base=space.base, group=name, stop_on_collapse=space.stop_on_collapse)
+                     device=device, base=space.base, group=name, name=name, kind="search",
+                     stop_on_collapse=space.stop_on_collapse)
     state = {"name": name, "space": dataclasses.asdict(space), "context": dataclasses.asdict(ctx),
              "storage_url": storage_url, "ray_address": ray_address, "protocol": protocol, "references": references,
              "finished": False}
@@ -271,7 +276,8 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
                           protocol=state["protocol"], references=state["references"], test=state.get("test"),
                           test_protocol=state.get("test_protocol"), tracking_uri=ctx.tracking_uri,
                           experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
-                          storage_url=redact(state["storage_url"]), notes=notes)
+                          storage_url=redact(state["storage_url"]), notes=notes,
+                          ui=ui_hint(tracker, name, space.metrics[0]))
     if found is None:
         return report
     if best is not None:
@@ -279,8 +285,10 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
         tracker.log_metrics(ctx.parent_run_id, {f"best_{m}": v for m, v in best["values"].items()}, step=len(done))
         tracker.set_tags(ctx.parent_run_id, {"agch.best_trial": ",".join(ids),
                                              "agch.best_run": ",".join(best["run_ids"])})
+        # tags, not params: an interrupted search records its best so far, and a resume may change it
+        tracker.set_tags(ctx.parent_run_id, {f"agch.best.{k}": v for k, v in chosen.params.items()})
     if study.trials:
-        files["trials.csv"] = study.trials_dataframe().to_csv(index=False)
+        files["trials.csv"] = _trials_csv(study, space, trials)
     plots, skipped = _plots(study, space, [p.name for p in space.parameters])
     files.update(plots)
     notes += skipped
@@ -292,6 +300,17 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
     state["finished"] = not interrupted
     _save_state(state)
     return report
+
+
+def _trials_csv(study: Any, space: SearchSpace, trials: list) -> str:
+    """Optuna's trial table with the objective columns named by their protocol and each trial's MLflow run ids."""
+    frame = study.trials_dataframe()
+    names = [describe_metric(m) for m in space.metrics]
+    frame = frame.rename(columns={"value": names[0], **{f"values_{i}": n for i, n in enumerate(names)}})
+    run_of = {o.trial_id: o.run_id for o in trials}
+    frame.insert(1, "run_ids", [";".join(run_of.get(i) or "" for i in t.user_attrs.get("tune_trial_ids", []))
+                                for t in study.trials])
+    return frame.to_csv(index=False)
 
 
 def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:

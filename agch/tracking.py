@@ -93,6 +93,29 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""Experiment tag: the MLflow UI (3.x) opens such an experiment on its runs table, not on the GenAI overview."""
+
+
+def ui_link(tracker: Any, name: str, metric: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI's runs table of `tracker`'s experiment, filtered to the runs of search or ablation `name` (tag
+    agch.name) and sorted by `metric`, best first. `ui`: where the UI answers (a tracking server is its own UI)."""
+    from urllib.parse import quote
+
+    base = tracker.uri.rstrip("/") if tracker.uri.startswith(("http://", "https://")) else ui
+    query = (f"searchFilter={quote(f'tags.`agch.name` = {chr(39)}{name}{chr(39)}')}"
+             f"&orderByKey={quote(f'metrics.`{metric}`')}&orderByAsc=false")
+    return f"{base}/#/experiments/{tracker.experiment_id}/runs?{query}"
+
+
+def ui_hint(tracker: Any, name: str, metric: str) -> str:
+    """Lines telling how to open ui_link: for an SQLite store, the `mlflow ui` command first."""
+    link = ui_link(tracker, name, metric)
+    if tracker.uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {link}"
+    return f"MLflow UI: run `mlflow ui --backend-store-uri {tracker.uri}`, then open\n  {link}"
+
+
 class Tracker:
     """Thin wrapper over MlflowClient for one tracking store and experiment."""
 
@@ -105,8 +128,11 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
+            if EXPERIMENT_KIND[0] not in found.tags:
+                self.client.set_experiment_tag(self.experiment_id, *EXPERIMENT_KIND)
         else:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root(self.uri))
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_root(self.uri),
+                                                               tags=dict([EXPERIMENT_KIND]))
 
     def start_run(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
         """Create a run (nested under `parent` when given) and return its id."""

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,10 @@ TRIAL_NUMBER = "trial_number"
 number). Like SEED_OFFSET it is not a config key."""
 FINAL = "agch_final"
 """Result key set (to 1) only on a trial's last report, after its MLflow run is complete."""
+SYMBOLS = {"delta": "δ", "gamma_v": "γv", "gamma_t": "γt", "lam": "λ", "alpha": "α", "beta": "β", "rho": "ρ"}
+"""The paper's symbols, for run names."""
+
+
 @dataclass(frozen=True)
 class RunContext:
     """What every trial of one search or ablation shares; JSON-able, because trials run in other processes."""
@@ -44,10 +48,38 @@ class RunContext:
     base: dict
     """flat config (agch.config.to_flat) every trial starts from."""
     group: str
-    """the search or ablation name (tag agch.group on every child run)."""
+    """the Tune experiment's group (tag agch.group on every child run): the search's name, or one grid of an
+    ablation."""
+    name: str = ""
+    """what the user named: the search or the ablation (tag agch.name on the parent and every child run)."""
+    kind: str = ""
+    """'search' or 'ablation'."""
+    arm_labels: dict = field(default_factory=dict)
+    """an ablation's arm label per cell settings (key: settings_key), for run names and the agch.arm tag."""
     stop_on_collapse: bool = False
     """end a trial at its first evaluation whose codes collapsed, with that evaluation as its result (agch-search;
     an ablation trains every run to its budget)."""
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    """A cell's settings as one string (RunContext.arm_labels is keyed by it)."""
+    return json.dumps(settings, sort_keys=True, default=str)
+
+
+def run_name(ctx: RunContext, params: dict[str, Any], config: cfg.Config) -> str:
+    """What varied, as the run's name: 't3 δ=0.034 γv=3.27 γt=0.82' (a search trial; 's+1' for a repeated seed)
+    or '+alignment s0' (an ablation arm and seed)."""
+    params = dict(params)
+    number, offset, settings = (params.pop(k, None) for k in (TRIAL_NUMBER, SEED_OFFSET, SETTINGS))
+    params.pop("seed", None)
+    parts = [f"t{number}"] if number is not None else []
+    if settings is not None:
+        parts.append(ctx.arm_labels.get(settings_key(settings)) or settings_key(settings))
+    parts += [f"{SYMBOLS.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{SYMBOLS.get(k, k)}={v}"
+              for k, v in sorted(params.items())]
+    if settings is not None or offset:
+        parts.append(f"s{config.seed}")
+    return " ".join(parts) or ctx.group
 
 
 class TrialFailed(Exception):
@@ -92,7 +124,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
 
     from agch.data import open_dataset
     from agch.tracking import log_result, run_tags
-    from agch.train import train
+    from agch.train import describe_protocol, protocol_of, train
 
     context = RunContext(**ctx)
     trial_id = tune.get_context().get_trial_id()
@@ -120,9 +152,18 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             attempt = int(recorded.data.tags.get("agch.attempts", "1")) + 1
             tracker.reopen(run_id)
         else:
+            name = run_name(context, params, config)
+            protocol = describe_protocol(protocol_of(config, data))
             tags = {**run_tags(config, data), "agch.group": context.group, "agch.slot": slot,
+                    "agch.name": context.name or context.group, "agch.seed": str(config.seed), "agch.protocol": protocol,
+                    "mlflow.note.content": f"{context.kind or 'trial'} {context.name or context.group}, {name}: "
+                                           f"every mAP is {protocol}",
                     "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
-            run_id = tracker.start_run(f"{context.group}/{trial_id}", tags=tags, parent=context.parent_run_id)
+            if TRIAL_NUMBER in params:
+                tags["agch.trial_number"] = str(params[TRIAL_NUMBER])
+            if SETTINGS in params:
+                tags["agch.arm"] = context.arm_labels.get(settings_key(params[SETTINGS]), "")
+            run_id = tracker.start_run(name, tags=tags, parent=context.parent_run_id)
             tracker.log_params(run_id, cfg.to_flat(config))
         tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": "", "agch.attempts": attempt,
                                   "agch.trial_id": trial_id,

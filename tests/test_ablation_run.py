@@ -117,8 +117,12 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     assert len(children) == len(plan.trials()) == 3 * SEEDS
     assert {c.data.tags["agch.identity"] for c in children} == {t.identity for t in plan.trials()}
     keys = set(cfg.to_flat(cfg.Config()))
+    labels = {c.label for c in plan.cells.values()}
     for child in children:  # the broken arm's codes collapse: a result, its run FINISHED and tagged collapsed
         collapsed = child.data.tags["agch.collapsed"] == "True"
+        tags = child.data.tags
+        assert tags["agch.arm"] in labels and child.info.run_name == f"{tags['agch.arm']} s{tags['agch.seed']}"
+        assert tags["agch.name"] == "tiny-broken"
         assert child.info.status == "FINISHED" and set(child.data.params) == keys
         assert child.data.params["eval_split"] == "validation"  # an ablation compares settings: off the test queries
         assert collapsed == (child.data.params["fixes.quantization"] == "True")
@@ -126,7 +130,18 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
         assert cfg.identity(config, dataset=plan.dataset_identity) == child.data.tags["agch.identity"]
     seeds = sorted(int(c.data.params["seed"]) for c in children)
     assert seeds == sorted(list(range(SEEDS)) * 3)
+    # each comparison's effect and verdict on the parent, as metrics and tags the runs table can show
+    recorded = client(store).get_run(parent).data
+    assert recorded.metrics["effect.quantization.one-fix.paper.map50_i2t"] == pytest.approx(float(broken["diff_mean"]), abs=1e-4)
+    assert recorded.metrics["effect.quantization.one-fix.paper.map50_i2t.ci_high"] < 0
+    assert recorded.tags["agch.verdict.quantization.one-fix.paper.map50_i2t"] == "hurts"
     artifacts = {a.path for a in client(store).list_artifacts(parent)}
+    with pytest.MonkeyPatch.context() as patch:  # the report, read back from the tracking store alone
+        patch.setenv("AGCH_HOME", store["root"])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["show", "tiny-broken", "--experiment", "abl"]) == 0
+    assert "| quantization (one-fix, paper) | mAP@50 I->T | 3 |" in out.getvalue() and "| hurts |" in out.getvalue()
     assert {"ablation.yaml", "results.md", "comparisons.csv", "trials.csv", "effects.png"} <= artifacts
 
 

@@ -6,6 +6,7 @@ search that `resume` finishes without rerunning or duplicating anything.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -67,6 +68,7 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     out = capsys.readouterr().out
     assert "search e2e finished" in out and "mAP@50 mean(I->T, T->I), 16 bits" in out
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "/runs?searchFilter=tags.%60agch.name%60%20%3D%20%27e2e%27&orderByKey=metrics.%60map50_mean%60" in out
 
     tracker, runs, study = stores("e2e")
     parent = parent_of(tracker, "e2e")
@@ -94,6 +96,10 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
         if trial.state.name == "COMPLETE":
             assert trial.value == pytest.approx(run.data.metrics["map50_mean"])
         assert "locked" not in run.data.tags["agch.reason"]  # concurrent trials share the SQLite store
+        # named by what varied; tagged so the UI can filter and tell trials apart
+        assert run.info.run_name == f"t{trial.number} δ={trial.params['delta']:.3g} γv={trial.params['gamma_v']:.3g}"
+        assert (run.data.tags["agch.name"], run.data.tags["agch.trial_number"]) == ("e2e", str(trial.number))
+        assert run.data.tags["agch.protocol"].startswith("16 bits, standard split, validation queries")
     statuses = [r.data.tags["agch.status"] for r in runs]
     assert "stopped" in statuses and "finished" in statuses  # ASHA stopped some, the best ran to the end
     assert all(r.data.metrics["epoch"] < 3 for r in runs if r.data.tags["agch.status"] == "stopped")
@@ -103,7 +109,18 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
             "optimization_history.png"} <= artifacts
     if statuses.count("finished") >= 2:
         assert {"param_importances.png", "contour.png"} <= artifacts
+    assert main(["show", "e2e"]) == 0  # the same trials, read back from the tracking store alone
+    shown = capsys.readouterr().out
+    best_run = max((r for r in runs if "map50_mean" in r.data.metrics), key=lambda r: r.data.metrics["map50_mean"])
+    assert shown.index(best_run.info.run_name) < min(shown.index(r.info.run_name) for r in runs if r is not best_run)
+    assert "test queries: " in shown and "every mAP is mAP@50 mean(I->T, T->I), 16 bits" in shown
     best = study.best_trial
+    assert float(parent.data.tags["agch.best.delta"]) == pytest.approx(best.params["delta"])
+    table = tracker.client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
+    header, *rows = list(csv.reader(Path(table).read_text().splitlines()))
+    assert {"mAP@50 mean(I->T, T->I)", "run_ids"} <= set(header) and "value" not in header
+    run_ids = {r.info.run_id for r in runs}
+    assert all(set(row[header.index("run_ids")].split(";")) <= run_ids for row in rows)
     best_yaml = Path(os.environ["AGCH_HOME"]) / "searches" / "e2e" / "best_config.yaml"
     _, trained = config_from_args(train_parser().parse_args(["--config", str(best_yaml)]))
     assert trained.delta == pytest.approx(best.params["delta"])
@@ -131,7 +148,8 @@ def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: 
     def finished() -> int:
         if not (Path(os.environ["AGCH_HOME"]) / "searches" / "rk" / "search.json").exists():
             return 0  # the driver has not created the stores yet; never race it at that
-        return sum(r.data.tags.get("agch.status") == "finished" for r in stores("rk")[1])
+        runs = tracking.RetryingTracker(default_tracking_uri(), "agch-search").group_runs("rk")  # MLflow only: the
+        return sum(r.data.tags.get("agch.status") == "finished" for r in runs)  # study may not exist yet
 
     def wait_finished(proc: subprocess.Popen, count: int) -> None:
         deadline = time.monotonic() + 240

@@ -127,7 +127,7 @@ def live_line(label: str, seed: int, metrics: dict[str, Any], topk: int) -> str 
 def run(argv: list[str] | None) -> int:
     from agch.ablation import run_ablation
     from agch.ablation_report import analyse, publish, report_tables
-    from agch.tracking import outage_hint, resolve_uri
+    from agch.tracking import open_tracker, outage_hint, resolve_uri, ui_hint
 
     args = build_parser().parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -158,15 +158,35 @@ def run(argv: list[str] | None) -> int:
         publish(result, results, tables)
     say("\n" + tables["console"])
     say(f"\nMLflow: parent run {result.parent_run_id} (experiment {result.experiment}) at {result.tracking_uri}; "
-        f"artifacts results.md, comparisons.csv, trials.csv, effects.png. "
-        f"Browse: mlflow ui --backend-store-uri {result.tracking_uri}")
+        f"artifacts results.md, comparisons.csv, trials.csv, effects.png; effects as metrics effect.*, verdicts as "
+        f"tags agch.verdict.*.\n" + ui_hint(open_tracker(result.tracking_uri, result.experiment), spec.name,
+                                           f"map{topk}_mean"))
     if result.interrupted:
         print("agch-ablate: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 1 if result.count(status="failed") else 0
 
 
+def show(argv: list[str]) -> int:
+    """agch-ablate show NAME [--tracking-uri URI] [--experiment E]: the newest report of ablation NAME."""
+    from agch.show import ablation_report
+    from agch.tracking import open_tracker, ui_hint
+
+    parser = argparse.ArgumentParser(prog="agch-ablate show", description=show.__doc__)
+    parser.add_argument("name", help="the ablation's name (its file's name:, or fix-NAME / toggle-KEY)")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None)
+    parser.add_argument("--experiment", default="agch")
+    args = parser.parse_args(argv)
+    tracker = open_tracker(args.tracking_uri, args.experiment, wait=False)
+    print(ablation_report(tracker, args.name))
+    print(ui_hint(tracker, args.name, "map50_mean"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["show"]:
+        return run_main("agch-ablate", lambda: show(argv[1:]))
     return run_main("agch-ablate", lambda: run(argv))
 
 

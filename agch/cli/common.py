@@ -107,6 +107,7 @@ def dataset_path(args: argparse.Namespace) -> Path:
 def run_main(prog: str, handler: Callable[[], int | None]) -> int:
     """Run a CLI body: user errors become one line on stderr and exit 2; Ctrl-C exits 130."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter on every first use
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # deterministic cuBLAS reductions: read when cuBLAS starts, so set before any CUDA work (agch.train explains)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:

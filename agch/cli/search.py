@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agch-search", description="Search AGCH hyperparameters (Optuna sampler inside Ray Tune, MLflow).",
         epilog="example: agch-search run spaces/delta_gamma.yaml --trials 20 --epochs 10")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,resume,check}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{run,resume,check,show}")
     run = commands.add_parser("run", help="start a search from a space file",
                               description="Start a search. SPACE: a YAML file, or spaces/NAME.yaml (shipped).")
     run.add_argument("space", help="search-space YAML (spaces/NAME.yaml = shipped search_spaces/NAME.yaml)")
@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("name", help="the search's name (printed when it started)")
     check = commands.add_parser("check", help="validate a space file and print what it would run")
     check.add_argument("space", help="search-space YAML (spaces/NAME.yaml = shipped)")
+    show = commands.add_parser("show", help="print a search's trials, best first, from the tracking store")
+    show.add_argument("name", help="the search's name")
+    show.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite file under $AGCH_HOME)")
+    show.add_argument("--experiment", default="agch-search", help="MLflow experiment (default agch-search)")
     for sub in (run, resume):
         sub.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
                          help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
@@ -146,7 +151,7 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
         print("no trial finished yet", file=out)
     print(f"MLflow: parent run {report.parent_run_id} in experiment '{report.experiment}' at {report.tracking_uri}",
           file=out)
-    print(f"  browse: mlflow ui --backend-store-uri {report.tracking_uri}", file=out)
+    print(report.ui, file=out)
     print(f"Optuna: study '{report.name}' in {report.storage_url}", file=out)
     if report.interrupted:
         print(f"continue it with: agch-search resume {report.name}", file=out)
@@ -193,7 +198,17 @@ def _report(drive: Any) -> int:
     return 130 if report.interrupted else 0
 
 
-HANDLERS = {"run": _run, "resume": _resume, "check": _check}
+def _show(args: argparse.Namespace) -> int:
+    from agch.show import search_table
+    from agch.tracking import open_tracker, ui_hint
+
+    tracker = open_tracker(args.tracking_uri, args.experiment, wait=False)
+    print(search_table(tracker, args.name))
+    print(ui_hint(tracker, args.name, "map50_mean"))
+    return 0
+
+
+HANDLERS = {"run": _run, "resume": _resume, "check": _check, "show": _show}
 
 
 def run(argv: list[str] | None) -> int:
