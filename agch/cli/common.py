@@ -16,13 +16,21 @@ from agch.config import load_yaml
 from agch.errors import UserError
 
 
-def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "paper") -> None:
-    """--data --preset --config --set --fix --seed --device --tracking-uri.
+def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "paper", *,
+                       settings: bool = True) -> None:
+    """--data --preset --config --set --fix --eval-split --seed --device --tracking-uri.
 
     `preset_default` is shown in --preset's help; a command whose input file names the preset passes that wording.
+    settings=False: only --data --device --tracking-uri (agch-audit trains nothing; the settings are the run's).
     """
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset file (agch-data format); default: the bundled synthetic MIRFlickr-like set")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
+                             "$AGCH_HOME, default ./.agch)")
+    if not settings:
+        return
     parser.add_argument("--preset", default=None,
                         help=f"base settings: {', '.join(cfg.PRESETS)} (default {preset_default})")
     parser.add_argument("--config", type=Path, default=None,
@@ -37,10 +45,6 @@ def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "p
                              "validation queries carved from its other rows (agch-search's and agch-ablate's "
                              "default); the same as --set eval_split=...")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
-                             "$AGCH_HOME, default ./.agch)")
 
 
 def _eval_split(value: str) -> str:
