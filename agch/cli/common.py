@@ -47,6 +47,20 @@ def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "p
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
 
 
+def add_grid_options(parser: argparse.ArgumentParser, *, name_help: str, defaults_from: str = "") -> None:
+    """--rerun --name --experiment --ray-address --max-concurrent --gpus-per-trial: the options of the commands that
+    train cells × seeds as Ray Tune grids (agch-ablate, agch-table). `defaults_from` prefixes the GPU default."""
+    parser.add_argument("--rerun", action="store_true",
+                        help="train every cell × seed again even when recorded; never resume an interrupted run")
+    parser.add_argument("--name", default=None, help=name_help)
+    parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help=f"GPU fraction per trial (default: {defaults_from}0.25 when a GPU is present)")
+
+
 def _eval_split(value: str) -> str:
     """--eval-split X as the --set item it stands for."""
     if value not in cfg.CHOICES["eval_split"]:
