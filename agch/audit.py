@@ -257,8 +257,11 @@ def _describe_dataset(source: Source, bits: int) -> str:
 def headline(rows: list[AuditRow]) -> list[str]:
     """The debugging log's protocol beside the paper's: on the same codes, and across splits where both exist."""
     def pick(split: str | None, against: str, k: int | None) -> dict[str, float]:
-        return {r.direction: r.value for r in rows if r.against == against and r.k == k
-                and (r.codes is rows[0].codes if split is None else (r.codes.split, r.codes.queries) == (split, "test"))}
+        """None: the run's own codes; else that split's test queries."""
+        def wanted(c: CodeSet) -> bool:
+            return c is rows[0].codes if split is None else (c.split, c.queries) == (split, "test")
+
+        return {r.direction: r.value for r in rows if r.against == against and r.k == k and wanted(r.codes)}
 
     def both(values: dict[str, float]) -> str:
         return f"I->T {values['i2t']:.4f}, T->I {values['t2i']:.4f}"
