@@ -239,7 +239,7 @@ def reencoded(source: Source, recorded: CodeSet, dataset: Path, device: str) -> 
             out.append(CodeSet(protocol, "test", origin, codes, labels))
             if seen:
                 notes.append(f"{protocol} split: {seen} of its {len(split.query)} test queries were training pairs "
-                             f"of this run's model ({config.eval_split} side of the {recorded.split} split): its "
+                             f"of this run's model (trained on the {recorded.split} split's training rows): its "
                              "scores there are optimistic")
     return out, notes
 

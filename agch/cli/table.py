@@ -85,8 +85,8 @@ def run(argv: list[str] | None) -> int:
     preset, base, bits, spec = settings_from_args(args)
     data = dataset_path(args)
     say = lambda text: print(text, flush=True)  # noqa: E731
-    say(f"agch-table {spec.name}: preset {preset}, {'/'.join(map(str, bits))} bits, seeds "
-        f"{', '.join(map(str, spec.seeds))}, {base.epochs} epochs; dataset {data}")
+    say(f"agch-table {spec.name}: preset {preset}; {'/'.join(map(str, bits))} bits; seeds "
+        f"{', '.join(map(str, spec.seeds))}; {base.epochs} epochs; dataset {data}")
     with outage_hint(resolve_uri(args.tracking_uri), "run the same agch-table command (it reuses every recorded "
                      "cell)"):
         result = run_table(spec.name, preset, base, bits, spec, data, tracking_uri=args.tracking_uri,
