@@ -70,7 +70,8 @@ def tune_groups(plan: Plan, pending: list[Trial], prefix: str) -> list[dict[str,
     A grid is a cross product, so cells whose other settings differ (e.g. the paper and debug-log bases) or that
     miss different seeds go to separate groups. Each group's name is its Tune experiment and its agch.group tag.
     """
-    switched = {f.key for f in plan.spec.factors} | {f"fixes.{name}" for name in cfg.FIX_NAMES}
+    switched = ({f.key for f in plan.spec.factors} | {f"fixes.{name}" for name in cfg.FIX_NAMES}
+                | set(plan.grid_keys))
     seeds_of: dict[str, list[int]] = {}
     for trial in pending:
         seeds_of.setdefault(trial.cell, []).append(trial.seed)
@@ -162,9 +163,8 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
     """
     from agch.baselines import describe_references, reference_scores
     from agch.data import open_dataset
-    from agch.paths import home
     from agch.tracking import open_tracker, run_tags
-    from agch.train import describe_protocol, precision_of, protocol_of
+    from agch.train import describe_protocol, protocol_of
 
     tracker = open_tracker(tracking_uri, experiment, wait=False)
     with open_dataset(dataset) as data:
@@ -175,19 +175,41 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
         references = reference_scores(first, data)
         say(f"references on the same queries: {describe_references(references, first.topk)}")
         dataset_tags = {k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")}
+
+    def start() -> str:
+        parent = start_parent(tracker, plan, dataset_tags)
+        tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
+        return parent
+
+    parent, records = run_plan(plan, dataset, tracker, start, experiment=experiment, device=device, rerun=rerun,
+                               ray_address=ray_address, storage_dir=storage_dir, on_result=on_result, say=say)
+    return AblationRun(plan, parent, tracker.uri, experiment, protocol, records, references)
+
+
+def run_plan(plan: Plan, dataset: Path, tracker: Any, start: Any, *, experiment: str, device: str, rerun: bool,
+             ray_address: str | None, storage_dir: Path | None, on_result: Any, say: Any,
+             kind: str = "ablation") -> tuple[str, list[TrialRecord]]:
+    """Train every cell × seed of `plan` not yet recorded (agch-ablate, agch-table): reuse recorded runs, resume an
+    interrupted attempt of the same plan (its parent run and Tune grids), run the rest as Tune grids.
+
+    `start()` opens the parent run (tagged agch.plan = plan.identity) when there is no interrupted one to resume.
+    Returns (parent run id, one TrialRecord per cell × seed in plan order).
+    """
+    from agch.paths import home
+    from agch.train import precision_of
+
     storage = (storage_dir or home() / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
     parent = None if rerun else interrupted_parent(tracker, plan.identity)
     if parent is not None:
-        say(f"resuming the interrupted run of this ablation (MLflow run {parent})")
+        say(f"resuming the interrupted run of this {kind} (MLflow run {parent})")
         tracker.client.update_run(parent, status="RUNNING")
     else:
-        parent = start_parent(tracker, plan, dataset_tags)
-        tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
+        parent = start()
     groups_file = storage / f"ablation-{parent}.json"
     groups: list[dict[str, Any]] = json.loads(groups_file.read_text()) if groups_file.exists() else []
     runner = GroupRunner(plan, dataset, tracker.uri, experiment, parent, device, storage,
-                         trial_resources(spec.resources, device), ray_address, on_result, say)
+                         trial_resources(plan.spec.resources, device), ray_address, on_result, say)
     try:
         precision = {t.identity: precision_of(plan.cells[t.cell].config, device) for t in plan.trials()}
         before = {} if rerun else reusable(recorded_runs(tracker, plan.dataset_identity), precision)
@@ -204,7 +226,7 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
                 complete = runner.run(group, resume=True)
                 attempted |= members
         fresh = tune_groups(plan, [t for t in pending if t.identity not in attempted],
-                            prefix=f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', spec.name)}-{parent[:8]}-{len(groups)}")
+                            prefix=f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', plan.spec.name)}-{parent[:8]}-{len(groups)}")
         if fresh:
             groups_file.write_text(json.dumps(groups + fresh, indent=1, default=str))
         for group in fresh:
@@ -214,9 +236,8 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
             tracker.end_run(parent, "KILLED")
         raise
     final = reusable(recorded_runs(tracker, plan.dataset_identity), precision, parent)
-    records = [record_of(t, final.get(t.identity, []), runner.outcomes.get(t.identity), parent,
-                         t.identity in before, rerun) for t in plan.trials()]
-    return AblationRun(plan, parent, tracker.uri, experiment, protocol, records, references)
+    return parent, [record_of(t, final.get(t.identity, []), runner.outcomes.get(t.identity), parent,
+                              t.identity in before, rerun) for t in plan.trials()]
 
 
 @dataclass

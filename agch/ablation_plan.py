@@ -54,6 +54,8 @@ class Plan:
     dataset_identity: str
     cells: dict[str, Cell]
     comparisons: tuple[Comparison, ...]
+    grid_keys: tuple[str, ...] = ()
+    """config keys besides the factors whose values differ between cells of one Tune grid (agch-table: bits)."""
 
     def trials(self) -> list[Trial]:
         """Every cell × seed, cells in plan order."""

@@ -122,23 +122,28 @@ def report_notes(run: AblationRun) -> list[str]:
         notes.append(f"{n} seed: no verdict is possible; pass --seeds 2 or more ({DEFAULT_SEEDS} recommended)")
     else:
         notes.append(f"with {n} seeds the exact Wilcoxon p cannot go below {min_wilcoxon_p(n):.3f}")
-    notes.append(f"{len(run.records)} cell × seed runs: {run.count(source='trained')} trained now, "
-                 f"{run.count(source='reused')} reused from earlier runs, {run.count(source='resumed')} finished "
-                 f"before an interruption, {run.count(status='failed')} failed, {run.count(status='not run')} not run")
+    notes += provenance_notes(run)
+    collapsed = run.count(status="collapsed")
+    if collapsed:
+        notes.append(f"{collapsed} run(s) ended with collapsed codes (< 5% unique): their mAP counts (a collapse is "
+                     "what some fixes prevent); MLflow tags them agch.collapsed")
+    if run.interrupted:
+        notes.append("interrupted: run the same command again to resume (finished runs are not retrained)")
+    return notes
+
+
+def provenance_notes(run: AblationRun) -> list[str]:
+    """Where every cell × seed's result came from (trained, reused from which runs, resumed), and what failed."""
+    notes = [f"{len(run.records)} cell × seed runs: {run.count(source='trained')} trained now, "
+             f"{run.count(source='reused')} reused from earlier runs, {run.count(source='resumed')} finished "
+             f"before an interruption, {run.count(status='failed')} failed, {run.count(status='not run')} not run"]
     origins: dict[str, int] = {}
     for r in run.records:
         if r.source == "reused":
             origins[r.origin or "?"] = origins.get(r.origin or "?", 0) + 1
     notes.extend(f"reused {count} run(s) recorded by {origin}" for origin, count in origins.items())
-    collapsed = run.count(status="collapsed")
-    if collapsed:
-        notes.append(f"{collapsed} run(s) ended with collapsed codes (< 5% unique): their mAP counts (a collapse is "
-                     "what some fixes prevent); MLflow tags them agch.collapsed")
-    for r in run.records:
-        if r.status == "failed":
-            notes.append(f"failed: {run.plan.cells[r.trial.cell].label} seed {r.trial.seed}: {r.reason}")
-    if run.interrupted:
-        notes.append("interrupted: run the same command again to resume (finished runs are not retrained)")
+    notes.extend(f"failed: {run.plan.cells[r.trial.cell].label} seed {r.trial.seed}: {r.reason}"
+                 for r in run.records if r.status == "failed")
     return notes
 
 

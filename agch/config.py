@@ -65,6 +65,10 @@ class Config:
     """mini-batch size m; the batch similarity S is m × m (paper: 32)."""
     eval_every: int = 5
     """evaluate mAP and diagnostics every this many epochs (and always after the last)."""
+    save_encoders: bool = True
+    """log the trained hash functions (feature norms, image and text encoders; no GCN or fusion) as encoders.pt
+    beside the codes, so that agch-audit can re-encode other splits (agch.tracking.log_result). About 25 MB at the
+    paper's sizes (text_hidden 4096); turn off for large searches. Not part of a run's identity."""
     seed: int = 0
     """seeds python, numpy and torch before anything random happens (weights, batch order)."""
 
@@ -156,7 +160,7 @@ SELECTION_DEFAULTS: dict[str, Any] = {"eval_split": "validation"}
 choose settings, so they score on validation queries, never on the test queries (docs/trainer.md)."""
 
 # Fields that do not change what is computed, only where or how it is observed. Left out of the identity.
-NON_SCIENTIFIC = frozenset({"eval_every"})
+NON_SCIENTIFIC = frozenset({"eval_every", "save_encoders"})
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "gamma_weighting": ("linear", "squared", "cosine"),

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from agch.config import Config
+from agch.errors import UserError
 from agch.similarity import normalized_adjacency
 
 
@@ -102,6 +103,10 @@ class GCNModule(nn.Module):
         return torch.tanh(self.code(h))  # (m, c)
 
 
+ENCODER_MODULES = ("norm", "image", "text")
+"""The submodules test-time encoding uses (Eq. 17); fusion and the GCNs are training-time helpers."""
+
+
 @dataclass
 class Codes:
     """The five relaxed code matrices of one batch, each (m, c), before L2 normalisation."""
@@ -141,6 +146,21 @@ class AGCH(nn.Module):
             {"params": list(self.gcn_image.parameters()) + list(self.gcn_text.parameters()), "lr": config.lr_gcn},
             {"params": self.fusion.parameters(), "lr": config.lr_fusion},
         ]
+
+    def encoder_state(self) -> dict[str, torch.Tensor]:
+        """The weights and buffers `encode` uses (ENCODER_MODULES), copied to the CPU: the test-time hash functions."""
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
+                if k.split(".")[0] in ENCODER_MODULES}
+
+    def load_encoder_state(self, state: dict[str, torch.Tensor], where: str = "encoders") -> None:
+        """Load what encoder_state saved; a UserError when it does not fit this model (other sizes or settings)."""
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # a shape mismatch
+            raise UserError(f"{where} does not fit this model: {str(err).splitlines()[-1].strip()}") from None
+        missing = [k for k in missing if k.split(".")[0] in ENCODER_MODULES]
+        if missing or unexpected:
+            raise UserError(f"{where} does not fit this model: missing {missing[:4]}, unexpected {unexpected[:4]}")
 
     @torch.no_grad()
     def encode(self, modality: str, x: torch.Tensor) -> torch.Tensor:

@@ -210,6 +210,8 @@ codes_retrieval_image / codes_retrieval_text: retrieval (database) set codes;
 labels_query / labels_retrieval: multi-hot labels (uint8); index_query / index_retrieval: rows in the dataset file.
 I->T ranks codes_retrieval_text by Hamming distance to each row of codes_query_image; T->I the other way round.
 Relevance = at least one shared label. See protocol.json for the split and dataset these come from.
+encoders.pt (when logged: config save_encoders): torch state_dict of the model's hash functions (feature norms,
+image and text encoders; agch.model.AGCH.encoder_state); with config.yaml it re-encodes any rows (agch-audit).
 """
 
 
@@ -226,9 +228,20 @@ def log_result(tracker: Tracker, run_id: str, config: cfg.Config, result: Any) -
     if result.codes:
         files["codes.npz"] = result.codes
         files["codes_README.txt"] = CODES_README
+    if result.encoders and config.save_encoders:
+        files["encoders.pt"] = encoders_bytes(result.encoders)
     if result.curves:
         files["curves.npz"] = result.curves
     tracker.log_files(run_id, files)
+
+
+def encoders_bytes(state: dict[str, Any]) -> bytes:
+    """A state_dict as the bytes of a torch.save file (read back with torch.load(..., weights_only=True))."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 TRACKING_WAIT_S = "AGCH_TRACKING_WAIT_S"

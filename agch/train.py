@@ -61,6 +61,8 @@ class TrainResult:
     reason: str | None = None
     failed_epoch: int | None = None
     codes: dict[str, np.ndarray] = field(default_factory=dict)
+    encoders: dict[str, torch.Tensor] = field(default_factory=dict)
+    """the trained hash functions (AGCH.encoder_state, on the CPU): what re-encodes other rows; {} for references."""
     curves: dict[str, np.ndarray] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -210,6 +212,14 @@ def _other_modality(key: str) -> str:
     return f"{stem}_{'text' if modality == 'image' else 'image'}"
 
 
+def evaluation_features(data: Dataset, split: Split, device: torch.device) -> dict[str, torch.Tensor]:
+    """The query and retrieval rows of both modalities on the device in their stored dtype, keyed query_image,
+    query_text, retrieval_image, retrieval_text: what encode_split encodes."""
+    stored = {m: torch.from_numpy(np.zeros(0, data.stored_dtype(m))).dtype for m in ("image", "text")}
+    return {f"{stem}_{m}": t for stem, idx in (("query", split.query), ("retrieval", split.retrieval))
+            for m, t in _to_device(data, idx, device, stored).items()}
+
+
 def _to_device(data: Dataset, idx: np.ndarray, device: torch.device,
                dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """Both modalities' rows `idx`, read in bounded chunks and moved to the device once, as dtypes[modality]."""
@@ -253,9 +263,7 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
     # ---- data on the device once: training rows in fp32; evaluation rows in their stored dtype (fp16 image and
     # uint8 tag features stay compact at NUS-WIDE size and lose nothing: widening them to fp32 is exact)
     train_x = _to_device(data, split.train, dev, {m: torch.float32 for m in ("image", "text")})
-    stored = {m: torch.from_numpy(np.zeros(0, data.stored_dtype(m))).dtype for m in ("image", "text")}
-    cache = {f"{stem}_{m}": t for stem, idx in (("query", split.query), ("retrieval", split.retrieval))
-             for m, t in _to_device(data, idx, dev, stored).items()}
+    cache = evaluation_features(data, split, dev)
     labels = {stem: torch.from_numpy(data.labels[idx]).to(dev) for stem, idx in
               (("query", split.query), ("retrieval", split.retrieval))}
 
@@ -300,7 +308,8 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
         return TrainResult(status=status, metrics=final, protocol=protocol, epochs_run=epochs_run,
                            seconds=time.perf_counter() - started, device=str(dev), collapsed=collapsed,
                            deterministic=deterministic, precision=precision_of(config, str(dev)),
-                           codes=_codes_with_labels(codes, data, split), curves=curves, history=history, **extra)
+                           codes=_codes_with_labels(codes, data, split), encoders=model.encoder_state(),
+                           curves=curves, history=history, **extra)
 
     model.train()
     epoch = first_epoch - 1

@@ -55,6 +55,13 @@ def private_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+def one_line_error(capsys, prog: str) -> str:
+    """What a CLI that just exited 2 printed on stderr, checked to be one line 'PROG: error: ...' (no traceback)."""
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1, err
+    return err
+
+
 FAULT_REPORTS: list[str] = []
 """Counts (trials, runs, failures, retries) the integration tests record; printed at the end of the run."""
 

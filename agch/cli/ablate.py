@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
+import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from agch import config as cfg
-from agch.cli.common import add_common_options, config_layers, dataset_path, parse_pairs, run_main
+from agch.cli.common import add_common_options, add_grid_options, config_layers, dataset_path, parse_pairs, run_main
 from agch.errors import UserError, unknown
 
 EPILOG = """examples:
@@ -43,15 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"seeds per cell (default: the file's, else {DEFAULT_SEEDS}); numbered from --seed (0)")
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"training epochs per run (default: the file's, else {DEFAULT_BUDGET['epochs']})")
-    parser.add_argument("--rerun", action="store_true",
-                        help="train every cell × seed again even when recorded; never resume an interrupted run")
-    parser.add_argument("--name", default=None, help="ablation name (default: the file's, else fix-NAME...)")
-    parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
-    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
-                        help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
-    parser.add_argument("--gpus-per-trial", type=float, default=None,
-                        help="GPU fraction per trial (default: the file's, else 0.25 when a GPU is present)")
+    add_grid_options(parser, name_help="ablation name (default: the file's, else fix-NAME...)",
+                     defaults_from="the file's, else ")
     return parser
 
 
@@ -127,7 +121,7 @@ def live_line(label: str, seed: int, metrics: dict[str, Any], topk: int) -> str 
 def run(argv: list[str] | None) -> int:
     from agch.ablation import run_ablation
     from agch.ablation_report import analyse, publish, report_tables
-    from agch.tracking import open_tracker, outage_hint, resolve_uri, ui_hint
+    from agch.tracking import outage_hint, resolve_uri
 
     args = build_parser().parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -139,12 +133,6 @@ def run(argv: list[str] | None) -> int:
     data = dataset_path(args) if spec.dataset is None or args.data is not None else spec.dataset.resolve()
     topk = cfg.apply(cfg.preset(spec.designs[0].preset), spec.overrides).topk
     say = lambda text: print(text, flush=True)  # noqa: E731
-
-    def on_result(label: str, seed: int, metrics: dict[str, Any]) -> None:
-        line = live_line(label, seed, metrics, topk)
-        if line:
-            say(line)
-
     say(f"agch-ablate {spec.name}: {', '.join(d.kind + ' (' + d.preset + ')' for d in spec.designs)} over "
         f"{', '.join(f.describe() for f in spec.factors)}; seeds {', '.join(map(str, spec.seeds))}; "
         f"dataset {data}")
@@ -152,17 +140,36 @@ def run(argv: list[str] | None) -> int:
                      "and retrains nothing recorded)"):
         result = run_ablation(spec, data, tracking_uri=args.tracking_uri, experiment=args.experiment,
                               device=args.device, rerun=args.rerun, ray_address=args.ray_address,
-                              on_result=on_result, say=say)
+                              on_result=live_printer(topk, say), say=say)
         results = analyse(result)
         tables = report_tables(result, results)
         publish(result, results, tables)
-    say("\n" + tables["console"])
+    return report_and_exit("agch-ablate", result, tables["console"],
+                           "results.md, comparisons.csv, trials.csv, effects.png; effects as metrics effect.*, "
+                           "verdicts as tags agch.verdict.*", say)
+
+
+def live_printer(topk: int, say: Callable[[str], None]) -> Callable[[str, int, dict[str, Any]], None]:
+    """The on_result of run_ablation / run_table: one console line per evaluated epoch of a trial."""
+    def on_result(label: str, seed: int, metrics: dict[str, Any]) -> None:
+        line = live_line(label, seed, metrics, topk)
+        if line:
+            say(line)
+
+    return on_result
+
+
+def report_and_exit(prog: str, result: Any, console: str, artifacts: str, say: Callable[[str], None]) -> int:
+    """Print the report and where it is recorded (agch-ablate, agch-table); the exit status: 130 interrupted, 1 when
+    a run failed, else 0."""
+    from agch.tracking import open_tracker, ui_hint
+
+    say("\n" + console)
     say(f"\nMLflow: parent run {result.parent_run_id} (experiment {result.experiment}) at {result.tracking_uri}; "
-        f"artifacts results.md, comparisons.csv, trials.csv, effects.png; effects as metrics effect.*, verdicts as "
-        f"tags agch.verdict.*.\n" + ui_hint(open_tracker(result.tracking_uri, result.experiment), spec.name,
-                                           f"map{topk}_mean"))
+        f"artifacts {artifacts}.\n" + ui_hint(open_tracker(result.tracking_uri, result.experiment),
+                                               result.plan.spec.name, f"map{result.topk}_mean"))
     if result.interrupted:
-        print("agch-ablate: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     return 1 if result.count(status="failed") else 0
 

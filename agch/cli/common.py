@@ -16,13 +16,21 @@ from agch.config import load_yaml
 from agch.errors import UserError
 
 
-def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "paper") -> None:
-    """--data --preset --config --set --fix --seed --device --tracking-uri.
+def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "paper", *,
+                       settings: bool = True) -> None:
+    """--data --preset --config --set --fix --eval-split --seed --device --tracking-uri.
 
     `preset_default` is shown in --preset's help; a command whose input file names the preset passes that wording.
+    settings=False: only --data --device --tracking-uri (agch-audit trains nothing; the settings are the run's).
     """
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset file (agch-data format); default: the bundled synthetic MIRFlickr-like set")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
+                             "$AGCH_HOME, default ./.agch)")
+    if not settings:
+        return
     parser.add_argument("--preset", default=None,
                         help=f"base settings: {', '.join(cfg.PRESETS)} (default {preset_default})")
     parser.add_argument("--config", type=Path, default=None,
@@ -37,10 +45,20 @@ def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "p
                              "validation queries carved from its other rows (agch-search's and agch-ablate's "
                              "default); the same as --set eval_split=...")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
-                             "$AGCH_HOME, default ./.agch)")
+
+
+def add_grid_options(parser: argparse.ArgumentParser, *, name_help: str, defaults_from: str = "") -> None:
+    """--rerun --name --experiment --ray-address --max-concurrent --gpus-per-trial: the options of the commands that
+    train cells × seeds as Ray Tune grids (agch-ablate, agch-table). `defaults_from` prefixes the GPU default."""
+    parser.add_argument("--rerun", action="store_true",
+                        help="train every cell × seed again even when recorded; never resume an interrupted run")
+    parser.add_argument("--name", default=None, help=name_help)
+    parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
+    parser.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: what fits)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help=f"GPU fraction per trial (default: {defaults_from}0.25 when a GPU is present)")
 
 
 def _eval_split(value: str) -> str:
