@@ -9,13 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from agch import config as cfg
 from agch.ablation_plan import Plan, Trial, build_plan, trial_identity, with_settings
 from agch.ablation_spec import AblationSpec, trial_resources
+from agch.errors import UserError
 
 
 # ---------------------------------------------------------------- tracking: reuse and resume
@@ -27,21 +31,22 @@ def completed(run: Any) -> bool:
     return run.info.status == "FINISHED" and run.data.tags.get("agch.status", "finished") == "finished"
 
 
-def recorded_runs(tracker: Any, dataset_identity: str) -> dict[str, list[Any]]:
-    """Completed runs on this dataset in every experiment of the store, by their agch.identity tag."""
+def recorded_runs(tracker: Any, dataset_identities: Iterable[str]) -> dict[str, list[Any]]:
+    """Completed runs on these datasets in every experiment of the store, by their agch.identity tag."""
     client = tracker.client
     experiments = [e.experiment_id for e in client.search_experiments()]
-    query = f"tags.`dataset.identity` = '{dataset_identity}'"
     found: dict[str, list[Any]] = {}
-    token = None
-    while True:
-        page = client.search_runs(experiments, filter_string=query, max_results=1000, page_token=token)
-        for run in page:
-            if "agch.identity" in run.data.tags and completed(run):
-                found.setdefault(run.data.tags["agch.identity"], []).append(run)
-        token = page.token
-        if not token:
-            return found
+    for identity in dict.fromkeys(dataset_identities):
+        query, token = f"tags.`dataset.identity` = '{identity}'", None
+        while True:
+            page = client.search_runs(experiments, filter_string=query, max_results=1000, page_token=token)
+            for run in page:
+                if "agch.identity" in run.data.tags and completed(run):
+                    found.setdefault(run.data.tags["agch.identity"], []).append(run)
+            token = page.token
+            if not token:
+                break
+    return found
 
 
 def reusable(found: dict[str, list[Any]], precision: dict[str, str], parent: str | None = None) -> dict[str, list]:
@@ -79,16 +84,17 @@ def tune_groups(plan: Plan, pending: list[Trial], prefix: str) -> list[dict[str,
     for cell, seeds in seeds_of.items():
         flat = cfg.to_flat(plan.cells[cell].config)
         rest = {k: v for k, v in flat.items() if k not in switched}
-        key = json.dumps([rest, sorted(seeds)], sort_keys=True, default=str)
-        group = groups.setdefault(key, {"base": flat, "settings": [], "seeds": sorted(seeds)})
+        dataset = plan.cells[cell].dataset  # a trial's dataset comes with its group's RunContext
+        key = json.dumps([rest, sorted(seeds), dataset], sort_keys=True, default=str)
+        group = groups.setdefault(key, {"base": flat, "settings": [], "seeds": sorted(seeds), "dataset": dataset})
         group["settings"].append({k: flat[k] for k in sorted(switched)})
     return [dict(g, name=f"{prefix}-{i}") for i, g in enumerate(groups.values())]
 
 
-def group_identities(group: dict[str, Any], dataset_identity: str) -> set[str]:
+def group_identities(group: dict[str, Any], dataset_identities: dict[str, str]) -> set[str]:
     """The trial identities a Tune group trains (as its trials will build their configs)."""
     base = cfg.from_flat(group["base"])
-    return {trial_identity(with_settings(base, settings), seed, dataset_identity)
+    return {trial_identity(with_settings(base, settings), seed, dataset_identities[group.get("dataset", "")])
             for settings in group.get("settings", []) for seed in group["seeds"]}
 
 
@@ -141,14 +147,14 @@ class AblationRun:
                    and (source is None or r.source == source) for r in self.records)
 
 
-def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None = None, experiment: str = "agch",
+def run_ablation(spec: AblationSpec, dataset: Path | None, *, tracking_uri: str | None = None, experiment: str = "agch",
                  device: str = "auto", rerun: bool = False, ray_address: str | None = None,
                  storage_dir: Path | None = None, on_result: Any = None, say: Any = print) -> AblationRun:
     """Train every cell × seed of `spec` not yet recorded, as Ray Tune trials under one MLflow parent run.
 
     Args:
         spec: the validated ablation.
-        dataset: absolute path of the dataset file.
+        dataset: absolute path of the dataset file (None when spec.datasets names the two compared ones).
         tracking_uri: MLflow store (None: the embedded SQLite store).
         experiment: MLflow experiment of the parent and trial runs.
         device: 'auto', 'cpu' or 'cuda[:N]' for every trial.
@@ -167,32 +173,47 @@ def run_ablation(spec: AblationSpec, dataset: Path, *, tracking_uri: str | None 
     from agch.train import describe_protocol, protocol_of
 
     tracker = open_tracker(tracking_uri, experiment, wait=False)
-    with open_dataset(dataset) as data:
-        plan = build_plan(spec, data.identity)
-        first = next(iter(plan.cells.values())).config
+    paths = {name: path.resolve() for name, path in spec.datasets} or {"": Path(dataset).resolve()}
+    with contextlib.ExitStack() as stack:
+        datas = {name: stack.enter_context(open_dataset(path)) for name, path in paths.items()}
+        check_same_items(datas)
+        plan = build_plan(spec, {name: data.identity for name, data in datas.items()})
+        first, data = next(iter(plan.cells.values())).config, next(iter(datas.values()))
         protocol = protocol_of(first, data)
+        if spec.datasets:
+            protocol.update(dataset=" vs ".join(f"{name} = {d.name}" for name, d in datas.items()),
+                            dataset_identity=", ".join(d.identity for d in datas.values()),
+                            synthetic=",".join(sorted({p for d in datas.values() for p in d.synthetic})) or "none")
         say(f"every mAP below: mAP@{first.topk} / mAP@ALL, {describe_protocol(protocol)}")
-        references = reference_scores(first, data)
-        say(f"references on the same queries: {describe_references(references, first.topk)}")
+        references = {name: reference_scores(first, d) for name, d in datas.items()}
+        for name, scores in references.items():
+            say(f"references on the same queries{f' ({name})' if name else ''}: "
+                f"{describe_references(scores, first.topk)}")
         dataset_tags = {k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")}
+        if spec.datasets:
+            dataset_tags["agch.datasets"] = json.dumps({name: d.identity for name, d in datas.items()})
 
     def start() -> str:
         parent = start_parent(tracker, plan, dataset_tags)
-        tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
+        tracker.log_metrics(parent, {f"reference_{name + '_' if name else ''}{k}": v
+                                     for name, scores in references.items() for k, v in scores.items()}, step=0)
         return parent
 
-    parent, records = run_plan(plan, dataset, tracker, start, experiment=experiment, device=device, rerun=rerun,
+    parent, records = run_plan(plan, paths, tracker, start, experiment=experiment, device=device, rerun=rerun,
                                ray_address=ray_address, storage_dir=storage_dir, on_result=on_result, say=say)
-    return AblationRun(plan, parent, tracker.uri, experiment, protocol, records, references)
+    # the report's one references line holds for one dataset; two print theirs above and log them on the parent
+    return AblationRun(plan, parent, tracker.uri, experiment, protocol, records,
+                       references[""] if "" in references else {})
 
 
-def run_plan(plan: Plan, dataset: Path, tracker: Any, start: Any, *, experiment: str, device: str, rerun: bool,
-             ray_address: str | None, storage_dir: Path | None, on_result: Any, say: Any,
+def run_plan(plan: Plan, paths: dict[str, Path], tracker: Any, start: Any, *, experiment: str, device: str,
+             rerun: bool, ray_address: str | None, storage_dir: Path | None, on_result: Any, say: Any,
              kind: str = "ablation") -> tuple[str, list[TrialRecord]]:
     """Train every cell × seed of `plan` not yet recorded (agch-ablate, agch-table): reuse recorded runs, resume an
     interrupted attempt of the same plan (its parent run and Tune grids), run the rest as Tune grids.
 
-    `start()` opens the parent run (tagged agch.plan = plan.identity) when there is no interrupted one to resume.
+    `paths`: the dataset file of each of plan.dataset_identities ('' when there is one). `start()` opens the parent
+    run (tagged agch.plan = plan.identity) when there is no interrupted one to resume.
     Returns (parent run id, one TrialRecord per cell × seed in plan order).
     """
     from agch.paths import home
@@ -208,11 +229,11 @@ def run_plan(plan: Plan, dataset: Path, tracker: Any, start: Any, *, experiment:
         parent = start()
     groups_file = storage / f"ablation-{parent}.json"
     groups: list[dict[str, Any]] = json.loads(groups_file.read_text()) if groups_file.exists() else []
-    runner = GroupRunner(plan, dataset, tracker.uri, experiment, parent, device, storage,
+    runner = GroupRunner(plan, paths, tracker.uri, experiment, parent, device, storage,
                          trial_resources(plan.spec.resources, device), ray_address, on_result, say)
     try:
         precision = {t.identity: precision_of(plan.cells[t.cell].config, device) for t in plan.trials()}
-        before = {} if rerun else reusable(recorded_runs(tracker, plan.dataset_identity), precision)
+        before = {} if rerun else reusable(recorded_runs(tracker, plan.dataset_identities.values()), precision)
         pending = [t for t in plan.trials() if t.identity not in before]
         if len(pending) < len(plan.trials()):
             say(f"{len(plan.trials()) - len(pending)} of {len(plan.trials())} cell × seed runs are already "
@@ -220,7 +241,7 @@ def run_plan(plan: Plan, dataset: Path, tracker: Any, start: Any, *, experiment:
         attempted: set[str] = set()
         complete = True
         for group in groups:  # an interrupted attempt's Tune experiments: continue them from their checkpoints
-            members = group_identities(group, plan.dataset_identity)
+            members = group_identities(group, plan.dataset_identities)
             if complete and members & {t.identity for t in pending} and (storage / group["name"]).is_dir():
                 say(f"resuming Ray Tune experiment {storage / group['name']}")
                 complete = runner.run(group, resume=True)
@@ -235,9 +256,37 @@ def run_plan(plan: Plan, dataset: Path, tracker: Any, start: Any, *, experiment:
         with contextlib.suppress(Exception):  # the error in flight matters more than closing the parent
             tracker.end_run(parent, "KILLED")
         raise
-    final = reusable(recorded_runs(tracker, plan.dataset_identity), precision, parent)
+    final = reusable(recorded_runs(tracker, plan.dataset_identities.values()), precision, parent)
     return parent, [record_of(t, final.get(t.identity, []), runner.outcomes.get(t.identity), parent,
                               t.identity in before, rerun) for t in plan.trials()]
+
+
+def check_same_items(datas: dict[str, Any]) -> None:
+    """Datasets compared in one ablation must hold the same pairs (text features), labels and split; only the image
+    features may differ. UserError naming both files and the first thing that differs."""
+    (first, a), *others = datas.items()
+    for name, b in others:
+        differ = _first_difference(a, b)
+        if differ:
+            raise UserError(f"datasets {first} ({a.path}, {a.n} items) and {name} ({b.path}, {b.n} items) differ in "
+                            f"their {differ}; a dataset comparison needs the same pairs, labels and split with other "
+                            "image features (e.g. the same pairs with AlexNet vs VGG16 fc7)")
+
+
+def _first_difference(a: Any, b: Any) -> str | None:
+    if a.n != b.n:
+        return "number of items"
+    if not np.array_equal(a.labels, b.labels):
+        return "labels"
+    for part in ("query", "retrieval", "train"):
+        if not np.array_equal(getattr(a.split, part), getattr(b.split, part)):
+            return f"split ({part} rows)"
+    if a.text_dim != b.text_dim:
+        return "text features (dimension)"
+    for offset, block in a.iter_rows("text", np.arange(a.n)):
+        if not np.array_equal(block, b.rows("text", np.arange(offset, offset + len(block)))):
+            return f"text features (rows {offset}..{offset + len(block) - 1})"
+    return None
 
 
 @dataclass
@@ -245,7 +294,8 @@ class GroupRunner:
     """Runs one Tune grid of an ablation through agch.runner and keeps each trial's outcome by identity."""
 
     plan: Plan
-    dataset: Path
+    datasets: dict[str, Path]
+    """dataset name ("" for the one dataset) -> its file; each group trains on its own."""
     tracking_uri: str
     experiment: str
     parent: str
@@ -264,15 +314,16 @@ class GroupRunner:
         from agch.runner import run_trials
         from agch.trial import SETTINGS, RunContext, settings_key
 
+        dataset = group.get("dataset", "")
         base = cfg.from_flat(group["base"])
         identity_of = lambda params: trial_identity(  # noqa: E731
-            with_settings(base, params[SETTINGS]), params["seed"], self.plan.dataset_identity)
+            with_settings(base, params[SETTINGS]), params["seed"], self.plan.dataset_identities[dataset])
         by_identity = {t.identity: t for t in self.plan.trials()}
         cells = {settings_key(s): by_identity.get(identity_of({SETTINGS: s, "seed": group["seeds"][0]}))
                  for s in group["settings"]}
-        ctx = RunContext(dataset=str(self.dataset), tracking_uri=self.tracking_uri, experiment=self.experiment,
-                         parent_run_id=self.parent, device=self.device, base=group["base"], group=group["name"],
-                         name=self.plan.spec.name, kind="ablation",
+        ctx = RunContext(dataset=str(self.datasets[dataset]), tracking_uri=self.tracking_uri,
+                         experiment=self.experiment, parent_run_id=self.parent, device=self.device, base=group["base"],
+                         group=group["name"], name=self.plan.spec.name, kind="ablation",
                          arm_labels={k: self.plan.cells[t.cell].label for k, t in cells.items() if t is not None})
 
         def name(params: dict[str, Any]) -> tuple[str, int] | None:

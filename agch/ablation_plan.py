@@ -24,6 +24,8 @@ class Cell:
     identity: str
     label: str
     config: cfg.Config
+    dataset: str = ""
+    """its dataset's name in spec.datasets; "" when the ablation has one dataset."""
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,21 @@ class Plan:
     """Everything an ablation will train and compare."""
 
     spec: AblationSpec
-    dataset_identity: str
+    dataset_identities: dict[str, str]
+    """dataset name ("" for the one dataset) -> its content identity."""
     cells: dict[str, Cell]
     comparisons: tuple[Comparison, ...]
     grid_keys: tuple[str, ...] = ()
     """config keys besides the factors whose values differ between cells of one Tune grid (agch-table: bits)."""
 
+    @property
+    def dataset_identity(self) -> str:
+        """The identity of the (first) dataset."""
+        return next(iter(self.dataset_identities.values()))
+
     def trials(self) -> list[Trial]:
         """Every cell × seed, cells in plan order."""
-        return [Trial(c.identity, s, trial_identity(c.config, s, self.dataset_identity))
+        return [Trial(c.identity, s, trial_identity(c.config, s, self.dataset_identities[c.dataset]))
                 for c in self.cells.values() for s in self.spec.seeds]
 
     @property
@@ -119,25 +127,41 @@ def design_cells(design: Design, base: cfg.Config, factors: tuple[Factor, ...]) 
                 yield factor, *on_off(with_settings(base, switched(dict(zip(others, states)))), factor)
 
 
-def build_plan(spec: AblationSpec, dataset_identity: str) -> Plan:
-    """Expand every design into cells (shared cells deduplicated by identity) and comparisons."""
+def build_plan(spec: AblationSpec, dataset_identity: str | dict[str, str]) -> Plan:
+    """Expand every design into cells (shared cells deduplicated by identity) and comparisons.
+
+    `dataset_identity`: the dataset's identity, or {name: identity} of the two datasets of spec.datasets. With two,
+    every cell trains on both, each factor is compared on each dataset, and each design adds the comparison
+    'dataset OFF->ON' over its cells (just the base when it switches nothing else), matched cell by cell.
+    """
+    identities = dataset_identity if isinstance(dataset_identity, dict) else {"": dataset_identity}
     cells: dict[str, Cell] = {}
     comparisons: list[Comparison] = []
 
-    def add(design: Design, config: cfg.Config) -> str:
-        key = cell_identity(config, dataset_identity)
-        cells.setdefault(key, Cell(key, cell_label(design, config, spec.factors), config))
+    def add(design: Design, config: cfg.Config, dataset: str) -> str:
+        key = cell_identity(config, identities[dataset])
+        label = cell_label(design, config, spec.factors) + (f" @{dataset}" if dataset else "")
+        cells.setdefault(key, Cell(key, label, config, dataset))
         return key
 
     for design in spec.designs:
         base = cfg.apply(cfg.preset(design.preset), {**cfg.SELECTION_DEFAULTS, **spec.overrides},
                          where=f"ablation {spec.name}: overrides")
-        sides: dict[Factor, tuple[list[str], list[str]]] = {}
-        for factor, on, off in design_cells(design, base, spec.factors):
-            on_ids, off_ids = sides.setdefault(factor, ([], []))
-            on_ids.append(add(design, on))
-            off_ids.append(add(design, off))
-        for factor, (on_ids, off_ids) in sides.items():
-            comparisons.append(Comparison(f"{factor.describe()} ({design.kind}, {design.preset})", factor.name,
-                                          design.kind, tuple(on_ids), tuple(off_ids)))
-    return Plan(spec, dataset_identity, cells, tuple(comparisons))
+        configs = {cell_identity(c, ""): c for _, *pair in design_cells(design, base, spec.factors) for c in pair}
+        for dataset in identities:
+            sides: dict[Factor, tuple[list[str], list[str]]] = {}
+            for factor, on, off in design_cells(design, base, spec.factors):
+                on_ids, off_ids = sides.setdefault(factor, ([], []))
+                on_ids.append(add(design, on, dataset))
+                off_ids.append(add(design, off, dataset))
+            where = f", on {dataset}" if dataset else ""
+            for factor, (on_ids, off_ids) in sides.items():
+                comparisons.append(Comparison(f"{factor.describe()} ({design.kind}, {design.preset}{where})",
+                                              factor.name, design.kind, tuple(on_ids), tuple(off_ids)))
+        if len(identities) == 2:
+            off_name, on_name = identities
+            matched = list(configs.values()) or [base]
+            comparisons.append(Comparison(f"dataset {off_name}->{on_name} ({design.kind}, {design.preset})", "dataset",
+                                          design.kind, tuple(add(design, c, on_name) for c in matched),
+                                          tuple(add(design, c, off_name) for c in matched)))
+    return Plan(spec, identities, cells, tuple(comparisons))

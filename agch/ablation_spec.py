@@ -11,6 +11,10 @@ Designs (each switches the ablation's factors; the base is a preset plus the fil
   leave-one-out  the base with every factor on, then each factor switched off alone (default base: debug-log)
   factorial      every on/off combination of the factors; each factor's main effect (default base: paper)
 
+A file may also name two datasets (`datasets: {alexnet: a.h5, vgg16: b.h5}`, off first): every cell then trains on
+both, and the dataset is compared like a factor, paired by seed (e.g. AlexNet fc7 vs VGG16 fc7 image features of the
+same pairs; agch.ablation checks that the datasets hold the same pairs, labels and split).
+
 agch.ablation_plan expands a spec into cells and comparisons; agch.ablation runs the plan and reports it.
 """
 
@@ -45,7 +49,7 @@ AUTO_GPU_FRACTION = 0.25
 """Trials are small (architecture.md): four share one GPU unless the file or --gpus-per-trial says otherwise."""
 
 SPEC_KEYS = ("name", "description", "design", "preset", "fixes", "toggles", "overrides", "seeds", "dataset",
-             "bits", "epochs", "resources", "max_concurrent")
+             "datasets", "bits", "epochs", "resources", "max_concurrent")
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "ablations"
 
 
@@ -102,6 +106,8 @@ class AblationSpec:
     max_concurrent: int | None = None
     """trials at once; None: as many as the resources allow."""
     description: str = ""
+    datasets: tuple[tuple[str, Path], ...] = ()
+    """(name, path) of the two compared datasets, off first; () for one dataset (`dataset` or --data)."""
 
     @property
     def factors(self) -> tuple[Factor, ...]:
@@ -115,6 +121,7 @@ class AblationSpec:
                 "fixes": [f.replace("_", "-") for f in self.fixes],
                 "toggles": {t.name: [t.off, t.on] for t in self.toggles}, "overrides": dict(self.overrides),
                 "seeds": list(self.seeds), "dataset": str(self.dataset) if self.dataset else None,
+                "datasets": {name: str(path) for name, path in self.datasets},
                 "resources": dict(self.resources), "max_concurrent": self.max_concurrent}
 
 
@@ -226,8 +233,8 @@ def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> Ablatio
     for key in ("name", "design"):
         if raw.get(key) in (None, "", []):
             raise UserError(f"{where}: missing '{key}'")
-    if raw.get("fixes") in (None, "", []) and raw.get("toggles") in (None, {}):
-        raise UserError(f"{where}: missing 'fixes' (or 'toggles'): nothing to switch")
+    if raw.get("fixes") in (None, "", []) and raw.get("toggles") in (None, {}) and not raw.get("datasets"):
+        raise UserError(f"{where}: missing 'fixes' (or 'toggles' or 'datasets'): nothing to switch")
     overrides = raw.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise UserError(f"{where}: overrides must be a mapping of config keys")
@@ -250,17 +257,34 @@ def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> Ablatio
     max_concurrent = raw.get("max_concurrent")
     if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
         raise UserError(f"{where}: max_concurrent must be an integer >= 1, got {max_concurrent!r}")
-    dataset = raw.get("dataset")
-    if dataset is not None:
-        dataset = Path(str(dataset)).expanduser()
-        if not dataset.is_absolute() and relative_to is not None:
-            dataset = relative_to / dataset
+    dataset = None if raw.get("dataset") is None else _path(raw["dataset"], relative_to)
+    datasets = dataset_list(raw.get("datasets"), f"{where}: datasets", relative_to)
+    if datasets and dataset is not None:
+        raise UserError(f"{where}: give 'dataset' (one) or 'datasets' (two to compare), not both")
     return AblationSpec(
         name=str(raw["name"]), description=str(raw.get("description") or "").strip(),
         designs=designs_from(raw["design"], raw.get("preset"), where), fixes=fixes, toggles=toggles,
         overrides=overrides,
         seeds=seeds_from(raw.get("seeds", DEFAULT_SEEDS), f"{where}: seeds"), dataset=dataset,
-        resources=resources, max_concurrent=max_concurrent)
+        resources=resources, max_concurrent=max_concurrent, datasets=datasets)
+
+
+def _path(value: Any, relative_to: Path | None) -> Path:
+    path = Path(str(value)).expanduser()
+    return relative_to / path if not path.is_absolute() and relative_to is not None else path
+
+
+def dataset_list(value: Any, where: str, relative_to: Path | None = None) -> tuple[tuple[str, Path], ...]:
+    """`{alexnet: a.h5, vgg16: b.h5}`: two named dataset files, the first the 'off' side of the comparison."""
+    if value in (None, {}):
+        return ()
+    if not isinstance(value, dict) or len(value) != 2 or not all(isinstance(v, str) and v for v in value.values()):
+        raise UserError(f"{where}: expected two named dataset files, off first, e.g. {{alexnet: "
+                        f"data/mirflickr-alexnet.h5, vgg16: data/mirflickr-vgg16.h5}}; got {value!r}")
+    paths = tuple((str(name), _path(path, relative_to)) for name, path in value.items())
+    if paths[0][1].resolve() == paths[1][1].resolve():
+        raise UserError(f"{where}: both names point at {paths[0][1]}; a comparison needs two different files")
+    return paths
 
 
 def check_resources(resources: dict[str, Any], where: str) -> dict[str, float]:

@@ -26,8 +26,10 @@ ROLES = ("image", "text", "labels")
 DEFAULT_KEYS = {"image": "XAll", "text": "YAll", "labels": "LAll"}
 RAW_IMAGE_KEYS = ("IAll",)
 _MAT_READ_ERRORS = (scipy.io.matlab.MatReadError, ValueError, TypeError, OSError, NotImplementedError)
-FEATURES_REQUIRED = ("features required: this file holds raw images; extract CNN features (e.g. VGG-19 fc7, 4096-d) "
-                     "first and import those (key XAll)")
+FEATURES_REQUIRED = ("features required: this file holds raw images; extract CNN features first (agch-data extract "
+                     "FILE --backbone alexnet|vgg16|vgg19 --out FEATURES.mat) and import those (key XAll)")
+EXTRACTOR_ATTR = "agch_feature_extractor"
+"""Attribute of a v7.3 features variable: what made it, as `agch-data extract` records it; import carries it over."""
 
 
 class _TransposedRows:
@@ -108,6 +110,13 @@ class MatFile:
         if not numeric or cls in ("char", "cell", "struct"):
             raise DatasetError(self.path, key, f"MATLAB class {cls}; expected a numeric matrix")
         return _TransposedRows(dset)
+
+    def attribute(self, key: str, name: str) -> str | None:
+        """The text attribute `name` of the v7.3 variable `key` (e.g. the extractor `agch-data extract` records on
+        XAll), else None."""
+        if self._h5 is None or name not in self._h5[key].attrs:
+            return None
+        return _attr_str(self._h5[key].attrs[name])
 
     def close(self) -> None:
         """Close the file (v7.3)."""
@@ -202,7 +211,8 @@ def import_mat(files: Sequence[str | os.PathLike], out: str | os.PathLike, *, im
             "source_files": [{"path": str(mat.path.resolve()), "sha256": digests[mat.path], "key": key,
                               **({"transform": labels_transform} if labels_transform and role == "labels" else {})}
                              for part in parts for role, (mat, key, _) in zip(ROLES, part)],
-            "feature_extractor": feature_extractor or f"unspecified (key {image_key_used} of {image_mat.path.name})",
+            "feature_extractor": (feature_extractor or image_mat.attribute(image_key_used, EXTRACTOR_ATTR)
+                                  or f"unspecified (key {image_key_used} of {image_mat.path.name})"),
             "synthetic": {},
             "split_protocol": split,
             "split_seed": recorded_seed(split, split_seed),

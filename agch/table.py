@@ -71,7 +71,7 @@ def table_plan(name: str, base: cfg.Config, bits: tuple[int, ...], spec: Ablatio
         config = dataclasses.replace(cfg.apply(base, {"bits": b}, where="--bits"), seed=0)
         key = cell_identity(config, dataset_identity)
         cells[key] = Cell(key, f"{b} bits", config)
-    return Plan(dataclasses.replace(spec, name=name), dataset_identity, cells, (), grid_keys=("bits",))
+    return Plan(dataclasses.replace(spec, name=name), {"": dataset_identity}, cells, (), grid_keys=("bits",))
 
 
 def comparability(protocol: dict[str, Any], k: int) -> list[str]:
@@ -129,9 +129,9 @@ def run_table(name: str, preset: str, base: cfg.Config, bits: tuple[int, ...], s
                                     **{f"config.{k}": v for k, v in cfg.to_flat(base).items() if k != "bits"}})
         return parent
 
-    parent, records = run_plan(plan, dataset, tracker, start, experiment=experiment, device=device, rerun=rerun,
-                               ray_address=ray_address, storage_dir=storage_dir, on_result=on_result, say=say,
-                               kind="table")
+    parent, records = run_plan(plan, {"": Path(dataset).resolve()}, tracker, start, experiment=experiment,
+                               device=device, rerun=rerun, ray_address=ray_address, storage_dir=storage_dir,
+                               on_result=on_result, say=say, kind="table")
     return TableRun(plan, parent, tracker.uri, experiment, protocol, records, preset=preset)
 
 

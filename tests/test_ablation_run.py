@@ -209,3 +209,62 @@ def test_resume_after_interruption_retrains_nothing_and_duplicates_no_run(tiny_f
         assert [r.info.run_id for r in children if r.data.tags["agch.identity"] == identity] == [run_id]
     parents = runs(store, "tags.`agch.kind` = 'ablation'")
     assert [p.info.run_id for p in parents] == [first.parent_run_id] and parents[0].info.status == "FINISHED"
+
+
+def test_datasets_axis_pairs_the_same_cells_on_two_datasets_by_seed(tiny_file, tmp_path, capsys):
+    """The same pairs, labels and split with informative vs uninformative image features: the dataset comparison
+    must come out 'hurts' with paired statistics, each trial training on its own dataset."""
+    import numpy as np
+
+    from agch.data import META_KEYS, open_dataset, write_dataset
+    from agch.errors import UserError
+    from agch.paths import default_tracking_uri
+
+    strong = Path(yaml.safe_load(tiny_file.read_text())["dataset"])
+
+    def variant(name: str, image=None, labels=None) -> Path:
+        with open_dataset(strong) as ds:
+            everything = np.arange(ds.n)
+            out = write_dataset(tmp_path / f"{name}.h5", image=ds.rows("image", everything) if image is None else image,
+                                text=ds.rows("text", everything), labels=ds.labels if labels is None else labels,
+                                split=ds.split, meta={**{k: ds.meta[k] for k in META_KEYS}, "name": name})
+        return out
+
+    with open_dataset(strong) as ds:
+        noise = variant("noise", image=np.random.default_rng(1).random((ds.n, ds.image_dim), dtype=np.float32))
+        flipped = ds.labels.copy()
+        flipped[7, 0] ^= 1
+        other = variant("other-labels", labels=flipped)
+    raw = {"name": "features", "design": "one-fix", "seeds": SEEDS, "bits": 32, "epochs": 6,
+           "overrides": {k: v for k, v in TINY_ABLATION["overrides"].items()
+                         if k not in ("quant_weight", "align_weight")},
+           "datasets": {"strong": str(strong), "noise": str(noise)}}
+    path = tmp_path / "features.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))  # the datasets' order says which is 'off'
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**raw, "datasets": {"strong": str(strong), "other": str(other)}}, sort_keys=False))
+    with pytest.raises(UserError, match=r"datasets strong \(.*tiny.h5, 600 items\) and other \(.*other-labels.h5, "
+                                        r"600 items\) differ in their labels; a dataset comparison needs the same "
+                                        r"pairs, labels and split"):
+        run_ablation(load_spec(bad), None, experiment="abl", say=lambda _: None)
+    assert main([str(bad), "--experiment", "abl"]) == 2 and "differ in their labels" in capsys.readouterr().err
+    assert main([str(path), "--data", str(strong), "--experiment", "abl"]) == 2
+    assert "--data: this ablation compares the datasets its file names (strong, noise)" in capsys.readouterr().err
+
+    assert main([str(path), "--experiment", "abl"]) == 0
+    out = capsys.readouterr().out
+    assert "over dataset strong->noise; seeds 0, 1, 2; dataset strong " in out
+    assert "dataset strong = mirflickr-like" in out and " vs noise = noise (synthetic parts: " in out
+    assert "references on the same queries (strong): random ranking" in out and "queries (noise): random" in out
+    store = {"uri": default_tracking_uri()}
+    parent = runs(store, "tags.`agch.kind` = 'ablation'")[0]
+    table = list(csv.DictReader(io.StringIO(parent_artifact(store, parent.info.run_id, "comparisons.csv", tmp_path))))
+    assert {r["comparison"] for r in table} == {"dataset strong->noise (one-fix, paper)"}
+    for row in table:
+        assert row["n"] == str(SEEDS) and float(row["diff_mean"]) < 0
+    i2t = next(r for r in table if r["metric"] == "mAP@50 I->T")
+    assert i2t["verdict"] == "hurts" and float(i2t["ci_high"]) < 0, out
+    children = runs(store, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    with open_dataset(strong) as a, open_dataset(noise) as b:
+        identities = sorted([a.identity] * SEEDS + [b.identity] * SEEDS)
+    assert sorted(c.data.tags["dataset.identity"] for c in children) == identities  # each trained on its dataset

@@ -165,7 +165,7 @@ def test_tune_groups_are_grids_whose_trials_are_exactly_the_plans() -> None:
         # What the runner will train for each grid point carries the identity the driver expects.
         built = {cfg.identity(trial_config(ctx, {"settings": settings, "seed": seed}), dataset=DS)
                  for settings in group["settings"] for seed in group["seeds"]}
-        assert built == group_identities(group, DS)
+        assert built == group_identities(group, plan.dataset_identities)
         covered += built
     assert sorted(covered) == sorted({t.identity for t in trials} - recorded)
 
@@ -194,7 +194,7 @@ def test_tune_groups_of_toggled_keys_rebuild_the_plans_configs() -> None:
                      device="cpu", base=group["base"], group=group["name"])
     built = {cfg.identity(trial_config(ctx, {"settings": settings, "seed": seed}), dataset=DS)
              for settings in group["settings"] for seed in group["seeds"]}
-    assert built == group_identities(group, DS) == {t.identity for t in plan.trials()}
+    assert built == group_identities(group, plan.dataset_identities) == {t.identity for t in plan.trials()}
 
 
 @pytest.mark.parametrize("toggles, message", [
@@ -243,3 +243,50 @@ def test_a_new_trainer_version_is_a_new_identity(monkeypatch) -> None:
     before = trial_identity(config, 0, DS)
     monkeypatch.setattr(cfg, "TRAINER_VERSION", cfg.TRAINER_VERSION + 1)
     assert trial_identity(config, 0, DS) != before
+
+
+# ---- datasets as an axis (e.g. AlexNet fc7 vs VGG16 fc7 features of the same pairs)
+
+IDS = {"alexnet": "a" * 16, "vgg16": "b" * 16}
+
+
+def test_datasets_axis_compares_every_cell_on_both_datasets_paired_cell_by_cell(tmp_path) -> None:
+    from agch.ablation import group_identities, tune_groups
+
+    path = tmp_path / "extractor.yaml"
+    path.write_text(yaml.safe_dump({"name": "extractor", "design": "one-fix", "datasets": {
+        "alexnet": "a.h5", "vgg16": "/data/b.h5"}}))
+    loaded = load_spec(path)
+    assert loaded.datasets == (("alexnet", tmp_path / "a.h5"), ("vgg16", Path("/data/b.h5")))  # relative to the file
+    assert loaded.to_dict()["datasets"] == {"alexnet": str(tmp_path / "a.h5"), "vgg16": "/data/b.h5"}
+    plan = build_plan(loaded, IDS)  # nothing else switched: the base on each dataset
+    (comparison,) = plan.comparisons
+    assert comparison.name == "dataset alexnet->vgg16 (one-fix, paper)" and comparison.factor == "dataset"
+    (on,), (off,) = comparison.on, comparison.off
+    assert (plan.cells[on].dataset, plan.cells[off].dataset) == ("vgg16", "alexnet")
+    assert plan.cells[on].config == plan.cells[off].config and on != off
+    assert plan.cells[on].label == "paper[] @vgg16"
+    assert {t.identity for t in plan.trials()} == {trial_identity(plan.cells[c].config, s, IDS[plan.cells[c].dataset])
+                                                   for c in (on, off) for s in range(5)}
+
+    plan = build_plan(dataclasses.replace(loaded, fixes=("alignment",)), IDS)
+    assert len(plan.cells) == 4 and [c.name for c in plan.comparisons] == [
+        "alignment (one-fix, paper, on alexnet)", "alignment (one-fix, paper, on vgg16)",
+        "dataset alexnet->vgg16 (one-fix, paper)"]
+    by_dataset = plan.comparisons[2]
+    assert len(by_dataset.on) == 2 and [plan.cells[i].config for i in by_dataset.on] == [
+        plan.cells[i].config for i in by_dataset.off]
+    groups = tune_groups(plan, plan.trials(), prefix="g")
+    assert sorted(g["dataset"] for g in groups) == ["alexnet", "vgg16"]  # one dataset per trial context
+    assert set().union(*(group_identities(g, plan.dataset_identities) for g in groups)) == {
+        t.identity for t in plan.trials()}
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"datasets": {"a": "a.h5"}}, r"datasets: expected two named dataset files, off first"),
+    ({"datasets": {"a": "a.h5", "b": "a.h5"}}, r"both names point at .*a.h5; a comparison needs two different files"),
+    ({"datasets": {"a": "a.h5", "b": "b.h5"}, "dataset": "c.h5"}, r"give 'dataset' \(one\) or 'datasets' \(two"),
+])
+def test_bad_datasets_axis(raw, message) -> None:
+    with pytest.raises(UserError, match=message):
+        spec(**raw)

@@ -282,7 +282,7 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
 def test_cli_usage_errors_print_the_subcommand_help(capsys):
     assert main([]) == 2
-    assert "{synth,import,info}" in capsys.readouterr().err
+    assert "{synth,import,extract,info}" in capsys.readouterr().err
     assert main(["info"]) == 2
     err = capsys.readouterr().err
     assert "usage: agch-data info" in err and "--json" in err and "required: path" in err

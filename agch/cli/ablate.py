@@ -130,12 +130,19 @@ def run(argv: list[str] | None) -> int:
     if len(spec.seeds) < 2:
         print(f"agch-ablate: warning: {len(spec.seeds)} seed: the runs go ahead, but no verdict is possible "
               "(a paired test needs >= 2 seeds)", file=sys.stderr)
-    data = dataset_path(args) if spec.dataset is None or args.data is not None else spec.dataset.resolve()
+    if spec.datasets and args.data is not None:
+        raise UserError(f"--data: this ablation compares the datasets its file names "
+                        f"({', '.join(name for name, _ in spec.datasets)}); drop --data")
+    data = (None if spec.datasets else
+            dataset_path(args) if spec.dataset is None or args.data is not None else spec.dataset.resolve())
     topk = cfg.apply(cfg.preset(spec.designs[0].preset), spec.overrides).topk
     say = lambda text: print(text, flush=True)  # noqa: E731
+    switched = [f.describe() for f in spec.factors]
+    if spec.datasets:
+        switched.append(f"dataset {spec.datasets[0][0]}->{spec.datasets[1][0]}")
     say(f"agch-ablate {spec.name}: {', '.join(d.kind + ' (' + d.preset + ')' for d in spec.designs)} over "
-        f"{', '.join(f.describe() for f in spec.factors)}; seeds {', '.join(map(str, spec.seeds))}; "
-        f"dataset {data}")
+        f"{', '.join(switched)}; seeds {', '.join(map(str, spec.seeds))}; "
+        f"dataset {data or ' vs '.join(f'{name} {path}' for name, path in spec.datasets)}")
     with outage_hint(resolve_uri(args.tracking_uri), "run the same agch-ablate command (it resumes this ablation "
                      "and retrains nothing recorded)"):
         result = run_ablation(spec, data, tracking_uri=args.tracking_uri, experiment=args.experiment,

@@ -4,6 +4,7 @@
     agch-data synth --out data/mirflickr-real-labels.h5 --labels ../shared/data/mirflickr25k-lall.mat \\
         --tags ../shared/data/mirflickr25k-yall.mat
     agch-data import lall.mat yall.mat xall-vgg.mat --out data/mirflickr.h5 --feature-extractor "VGG-19 fc7"
+    agch-data extract mirflickr25k-iall.mat --backbone alexnet --weights alexnet-owt-7be5be79.pth --out xall-alexnet.mat
     agch-data info data/mirflickr.h5 [--json]
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +86,51 @@ def _run_import(args: argparse.Namespace) -> int:
     return _print_info(path, as_json=False)
 
 
+def _extract_options(parser: argparse.ArgumentParser) -> None:
+    from agch.extract_options import BACKBONES, DTYPES, PRECISIONS, RAW_KEY
+
+    parser.add_argument("images", type=Path, help=f"MATLAB v7.3 file of raw images (key {RAW_KEY}), or a folder of "
+                                                  "image files (with --list)")
+    parser.add_argument("--backbone", choices=BACKBONES, required=True, help="network whose fc7 to extract")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", type=Path, metavar="FILE",
+                         help="torchvision's ImageNet state dict (default: the file in torchvision's cache)")
+    weights.add_argument("--random-weights", action="store_true", help="random initialisation (tests, benchmarks)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --random-weights (default 0)")
+    parser.add_argument("--out", type=Path, required=True, metavar="FEATURES.mat",
+                        help="MATLAB v7.3 file to write (key XAll, N x 4096)")
+    parser.add_argument("--key", default=RAW_KEY, help=f"raw images key of the .mat file (default {RAW_KEY})")
+    parser.add_argument("--list", type=Path, dest="image_list", metavar="FILE",
+                        help="with a folder: the image files in item order, one a line (row i of XAll = line i)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--workers", type=int, default=max(0, min(8, (os.cpu_count() or 1) - 1)),
+                        help="DataLoader worker processes (default: cores - 1, at most 8)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="autocast (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored dtype of the features")
+    parser.add_argument("--max-images", type=int, metavar="N",
+                        help="stop after N images (the same command continues from there)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from agch.extract import extract_features
+
+    result = extract_features(args.images, args.out, backbone=args.backbone, weights=args.weights,
+                              random_weights=args.random_weights, seed=args.seed, key=args.key,
+                              image_list=args.image_list, batch_size=args.batch_size, workers=args.workers,
+                              device=args.device, precision=args.precision, dtype=args.dtype,
+                              max_images=args.max_images, progress=not args.quiet)
+    rate = f"{result.images} images in {result.seconds:.1f} s ({result.images_per_s:.1f} images/s)"
+    if result.complete:
+        print(f"wrote {result.path}: XAll {result.n} x 4096 {result.job['dtype']}, {args.backbone} fc7; {rate}")
+    else:
+        print(f"stopped after {result.done} of {result.n} images ({rate}); {result.path} holds them: run the same "
+              "command again to continue")
+    return 0
+
+
 def _info_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", type=Path, help="dataset file")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -97,6 +144,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "synth": ("write a synthetic MIRFlickr-like dataset (or real labels and tags with synthetic image features)",
               _synth_options, _run_synth),
     "import": ("import MIRFlickr-25K / NUS-WIDE style .mat files", _import_options, _run_import),
+    "extract": ("fc7 features (AlexNet, VGG-16, VGG-19) of raw images, as a v7.3 XAll file for import",
+                _extract_options, _run_extract),
     "info": ("sizes, provenance, label and tag statistics, random-ranking mAP", _info_options, _run_info),
 }
 
