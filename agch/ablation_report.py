@@ -150,7 +150,7 @@ def provenance_notes(run: AblationRun) -> list[str]:
 def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str, str]) -> None:
     """Log the report and the effect plot on the parent run and close it (KILLED when interrupted)."""
     from agch.stats import effect_plot
-    from agch.tracking import open_tracker
+    from agch.tracking import open_tracker, set_description
 
     tracker = open_tracker(run.tracking_uri, run.experiment)
     labels = map_metrics(run.topk)
@@ -168,6 +168,7 @@ def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str,
             verdicts[f"agch.verdict.{name}.{key}"] = paired.verdict
     tracker.log_metrics(run.parent_run_id, effects, step=0)
     tracker.set_tags(run.parent_run_id, verdicts)
+    set_description(tracker, run.parent_run_id, tables["results.md"])
     tracker.set_tags(run.parent_run_id, {
         "agch.trained": run.count(source="trained"), "agch.reused": run.count(source="reused"),
         "agch.resumed": run.count(source="resumed"), "agch.collapsed": run.count(status="collapsed"),

@@ -21,7 +21,7 @@ import yaml
 from agch import config as cfg
 from agch.errors import UserError, need, unknown
 from agch.space import Parameter, SearchSpace, describe_metric, make_sampler, make_scheduler
-from agch.tracking import open_tracker, redact, ui_hint
+from agch.tracking import open_tracker, redact, set_description, ui_hint
 
 
 def __getattr__(name: str) -> Any:
@@ -277,7 +277,7 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
                           test_protocol=state.get("test_protocol"), tracking_uri=ctx.tracking_uri,
                           experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
                           storage_url=redact(state["storage_url"]), notes=notes,
-                          ui=ui_hint(tracker, name, space.metrics[0]))
+                          ui=ui_hint(tracker, name, space.metrics[0], ctx.parent_run_id))
     if found is None:
         return report
     if best is not None:
@@ -296,6 +296,9 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
     tracker.log_metrics(ctx.parent_run_id, counts, step=len(trials))
     tracker.log_files(ctx.parent_run_id, files)
     tracker.set_tags(ctx.parent_run_id, {"agch.search_state": "interrupted" if interrupted else "finished"})
+    from agch.show import search_table
+
+    set_description(tracker, ctx.parent_run_id, search_table(tracker, name, markdown=True))
     tracker.end_run(ctx.parent_run_id, "KILLED" if interrupted else "FINISHED")
     state["finished"] = not interrupted
     _save_state(state)

@@ -21,10 +21,11 @@ def _parent(tracker: Any, kind: str, name: str) -> Any:
     return runs[0]
 
 
-def search_table(tracker: Any, name: str) -> str:
-    """Every trial of search `name`, best first by its objective: run name, status, objective, mAP@ALL mean."""
+def search_table(tracker: Any, name: str, markdown: bool = False) -> str:
+    """Every trial of search `name`, best first by its objective: run name, status, objective, mAP@ALL mean (as text,
+    or as markdown: the parent run's description)."""
     from agch.space import describe_metric
-    from agch.stats import text_table
+    from agch.stats import markdown_table, text_table
 
     parent = _parent(tracker, "search", name)
     objective = parent.data.params.get("objective", "map50_mean").split(",")[0]
@@ -41,14 +42,14 @@ def search_table(tracker: Any, name: str) -> str:
     protocol = parent.data.tags.get("agch.protocol", "")
     best = {k[len("agch.best."):]: v for k, v in parent.data.tags.items() if k.startswith("agch.best.")}
     lines = [f"search {name} ({parent.data.tags.get('agch.search_state', 'running')}): every mAP is {protocol}",
-             text_table(head, rows)]
+             (markdown_table if markdown else text_table)(head, rows)]
     if best:
         lines.append("best settings: " + ", ".join(f"{k}={v}" for k, v in best.items()))
     test = {k: v for k, v in parent.data.metrics.items() if k.startswith("test_map")}
     if test:
         lines.append("test queries, once: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in sorted(test.items()))
                      + f" ({parent.data.tags.get('agch.test_protocol', '')})")
-    return "\n".join(lines)
+    return ("\n\n" if markdown else "\n").join(lines)
 
 
 def ablation_report(tracker: Any, name: str) -> str:

@@ -108,12 +108,28 @@ def ui_link(tracker: Any, name: str, metric: str, ui: str = "http://127.0.0.1:50
     return f"{base}/#/experiments/{tracker.experiment_id}/runs?{query}"
 
 
-def ui_hint(tracker: Any, name: str, metric: str) -> str:
-    """Lines telling how to open ui_link: for an SQLite store, the `mlflow ui` command first."""
+def ui_hint(tracker: Any, name: str, metric: str, parent: str | None = None) -> str:
+    """Lines telling how to open ui_link (and the parent run's page, whose description is the summary table): for an
+    SQLite store, the `mlflow ui` command first."""
     link = ui_link(tracker, name, metric)
-    if tracker.uri.startswith(("http://", "https://")):
-        return f"MLflow UI: {link}"
-    return f"MLflow UI: run `mlflow ui --backend-store-uri {tracker.uri}`, then open\n  {link}"
+    lines = [f"MLflow UI: {link}" if tracker.uri.startswith(("http://", "https://")) else
+             f"MLflow UI: run `mlflow ui --backend-store-uri {tracker.uri}`, then open\n  {link}"]
+    if parent:
+        page = link.split("/runs?")[0] + f"/runs/{parent}"
+        lines.append(f"  the summary (the parent run's description): {page}")
+    return "\n".join(lines)
+
+
+NOTE_LIMIT = 7500
+"""Characters of a run description (tag mlflow.note.content; MLflow keeps at most 8,000 per tag value)."""
+
+
+def set_description(tracker: Any, run_id: str, markdown: str) -> None:
+    """The run's description in the MLflow UI (rendered as markdown), cut at a line to fit NOTE_LIMIT."""
+    if len(markdown) > NOTE_LIMIT:
+        cut = markdown[:NOTE_LIMIT - 80].rsplit("\n", 1)[0]
+        markdown = cut + "\n\n(cut to fit; the whole report is in the run's artifacts)"
+    tracker.set_tags(run_id, {"mlflow.note.content": markdown})
 
 
 class Tracker:

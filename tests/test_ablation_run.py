@@ -135,6 +135,7 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     assert recorded.metrics["effect.quantization.one-fix.paper.map50_i2t"] == pytest.approx(float(broken["diff_mean"]), abs=1e-4)
     assert recorded.metrics["effect.quantization.one-fix.paper.map50_i2t.ci_high"] < 0
     assert recorded.tags["agch.verdict.quantization.one-fix.paper.map50_i2t"] == "hurts"
+    assert "| quantization (one-fix, paper) | mAP@50 I->T | 3 |" in recorded.tags["mlflow.note.content"]
     artifacts = {a.path for a in client(store).list_artifacts(parent)}
     with pytest.MonkeyPatch.context() as patch:  # the report, read back from the tracking store alone
         patch.setenv("AGCH_HOME", store["root"])

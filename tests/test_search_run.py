@@ -114,6 +114,8 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     best_run = max((r for r in runs if "map50_mean" in r.data.metrics), key=lambda r: r.data.metrics["map50_mean"])
     assert shown.index(best_run.info.run_name) < min(shown.index(r.info.run_name) for r in runs if r is not best_run)
     assert "test queries: " in shown and "every mAP is mAP@50 mean(I->T, T->I), 16 bits" in shown
+    note = tracker.client.get_run(parent.info.run_id).data.tags["mlflow.note.content"]  # the parent's description
+    assert f"| {best_run.info.run_name} | finished |" in note and "the summary (the parent run's description)" in out
     best = study.best_trial
     assert float(parent.data.tags["agch.best.delta"]) == pytest.approx(best.params["delta"])
     table = tracker.client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))

@@ -174,7 +174,8 @@ def report_and_exit(prog: str, result: Any, console: str, artifacts: str, say: C
     say("\n" + console)
     say(f"\nMLflow: parent run {result.parent_run_id} (experiment {result.experiment}) at {result.tracking_uri}; "
         f"artifacts {artifacts}.\n" + ui_hint(open_tracker(result.tracking_uri, result.experiment),
-                                               result.plan.spec.name, f"map{result.topk}_mean"))
+                                               result.plan.spec.name, f"map{result.topk}_mean",
+                                               result.parent_run_id))
     if result.interrupted:
         print(f"{prog}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
