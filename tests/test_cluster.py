@@ -204,7 +204,9 @@ def test_mlflow_server_outage_loses_no_result(cluster, tiny_dataset, case):
     """
     outage_s, env = OUTAGES[case]
     name = f"cluster-s4-{case}"
-    space = _space(cluster, name, trials=2, concurrency=2, scheduler={"name": "none", "epochs": 6})
+    # every trial trains all 6 epochs, through the outage: a trial whose tiny codes collapse is not stopped early
+    space = _space(cluster, name, trials=2, concurrency=2,
+                   scheduler={"name": "none", "epochs": 6, "stop_on_collapse": False})
     proc = _cli(cluster, "agch-search", "run", str(space), "--data", str(tiny_dataset), "--name", name,
                 wait=False, env=env)
     services.wait_for(lambda: len(_children(_runs(cluster, "agch-search"), name)) == 2, 240, "both trials running")
