@@ -298,7 +298,8 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
     tracker.set_tags(ctx.parent_run_id, {"agch.search_state": "interrupted" if interrupted else "finished"})
     from agch.show import search_table
 
-    set_description(tracker, ctx.parent_run_id, search_table(tracker, name, markdown=True))
+    set_description(tracker, ctx.parent_run_id,
+                    search_table(tracker, name, markdown=True, parent=tracker.client.get_run(ctx.parent_run_id)))
     tracker.end_run(ctx.parent_run_id, "KILLED" if interrupted else "FINISHED")
     state["finished"] = not interrupted
     _save_state(state)

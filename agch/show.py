@@ -21,13 +21,13 @@ def _parent(tracker: Any, kind: str, name: str) -> Any:
     return runs[0]
 
 
-def search_table(tracker: Any, name: str, markdown: bool = False) -> str:
-    """Every trial of search `name`, best first by its objective: run name, status, objective, mAP@ALL mean (as text,
-    or as markdown: the parent run's description)."""
+def search_table(tracker: Any, name: str, markdown: bool = False, parent: Any = None) -> str:
+    """Every trial of search `name` (parent run `parent`, else the newest search of that name), best first by its
+    objective: run name, status, objective, mAP@ALL mean (as text, or as markdown: the parent run's description)."""
     from agch.space import describe_metric
     from agch.stats import markdown_table, text_table
 
-    parent = _parent(tracker, "search", name)
+    parent = parent or _parent(tracker, "search", name)
     objective = parent.data.params.get("objective", "map50_mean").split(",")[0]
     children = tracker.client.search_runs(
         [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=10000)
