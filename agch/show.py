@@ -33,11 +33,14 @@ def search_table(tracker: Any, name: str, markdown: bool = False, parent: Any = 
         [tracker.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'", max_results=10000)
     trials = [r for r in children if r.data.tags.get("agch.trial_number") or r.data.tags.get("agch.trial_id")]
     trials.sort(key=lambda r: -r.data.metrics.get(objective, float("-inf")))
-    rows = [[("test queries: " if r.data.tags.get("agch.group", "").endswith(".test") else "") + r.info.run_name,
-             r.data.tags.get("agch.status", "?") + (" (collapsed)" if r.data.tags.get(
-        "agch.collapsed") == "True" else ""), _value(r.data.metrics.get(objective)),
-             _value(r.data.metrics.get("mapall_mean")), int(r.data.metrics.get("epoch", 0)), r.info.run_id]
-            for r in trials]
+    def row(run: Any) -> list[Any]:
+        tags, metrics = run.data.tags, run.data.metrics
+        test = "test queries: " if tags.get("agch.group", "").endswith(".test") else ""
+        collapsed = " (collapsed)" if tags.get("agch.collapsed") == "True" else ""
+        return [test + run.info.run_name, tags.get("agch.status", "?") + collapsed, _value(metrics.get(objective)),
+                _value(metrics.get("mapall_mean")), int(metrics.get("epoch", 0)), run.info.run_id]
+
+    rows = [row(r) for r in trials]
     head = ["trial", "status", describe_metric(objective), "mAP@ALL mean(I->T, T->I)", "epochs", "run id"]
     protocol = parent.data.tags.get("agch.protocol", "")
     best = {k[len("agch.best."):]: v for k, v in parent.data.tags.items() if k.startswith("agch.best.")}
@@ -47,7 +50,8 @@ def search_table(tracker: Any, name: str, markdown: bool = False, parent: Any = 
         lines.append("best settings: " + ", ".join(f"{k}={v}" for k, v in best.items()))
     test = {k: v for k, v in parent.data.metrics.items() if k.startswith("test_map")}
     if test:
-        lines.append("test queries, once: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in sorted(test.items()))
+        lines.append("test queries, once: " + ", ".join(f"{describe_metric(k[5:])} {v:.4f}"
+                                                         for k, v in sorted(test.items()))
                      + f" ({parent.data.tags.get('agch.test_protocol', '')})")
     return ("\n\n" if markdown else "\n").join(lines)
 

@@ -40,9 +40,14 @@ def resolve_uri(uri: str | None) -> str:
     return default_tracking_uri()
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (http/https), as opposed to a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def unreachable(uri: str, timeout: float = 5.0) -> str | None:
     """Why a tracking server does not answer its /health now, or None when it does (or `uri` is not a server)."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return None
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -102,7 +107,7 @@ def ui_link(tracker: Any, name: str, metric: str, ui: str = "http://127.0.0.1:50
     agch.name) and sorted by `metric`, best first. `ui`: where the UI answers (a tracking server is its own UI)."""
     from urllib.parse import quote
 
-    base = tracker.uri.rstrip("/") if tracker.uri.startswith(("http://", "https://")) else ui
+    base = tracker.uri.rstrip("/") if is_server(tracker.uri) else ui
     query = (f"searchFilter={quote(f'tags.`agch.name` = {chr(39)}{name}{chr(39)}')}"
              f"&orderByKey={quote(f'metrics.`{metric}`')}&orderByAsc=false")
     return f"{base}/#/experiments/{tracker.experiment_id}/runs?{query}"
@@ -112,7 +117,7 @@ def ui_hint(tracker: Any, name: str, metric: str, parent: str | None = None) -> 
     """Lines telling how to open ui_link (and the parent run's page, whose description is the summary table): for an
     SQLite store, the `mlflow ui` command first."""
     link = ui_link(tracker, name, metric)
-    lines = [f"MLflow UI: {link}" if tracker.uri.startswith(("http://", "https://")) else
+    lines = [f"MLflow UI: {link}" if is_server(tracker.uri) else
              f"MLflow UI: run `mlflow ui --backend-store-uri {tracker.uri}`, then open\n  {link}"]
     if parent:
         page = link.split("/runs?")[0] + f"/runs/{parent}"

@@ -67,8 +67,8 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 
 def run_name(ctx: RunContext, params: dict[str, Any], config: cfg.Config) -> str:
-    """What varied, as the run's name: 't3 δ=0.034 γv=3.27 γt=0.82' (a search trial; 's+1' for a repeated seed)
-    or '+alignment s0' (an ablation arm and seed)."""
+    """What varied, as the run's name: 't3 δ=0.034 γv=3.27 γt=0.82' (a search trial; then 's<seed>' when it is one
+    of several seeds) or 'paper[+alignment] s0' (an ablation arm and seed)."""
     params = dict(params)
     number, offset, settings = (params.pop(k, None) for k in (TRIAL_NUMBER, SEED_OFFSET, SETTINGS))
     params.pop("seed", None)
@@ -83,7 +83,8 @@ def run_name(ctx: RunContext, params: dict[str, Any], config: cfg.Config) -> str
 
 
 class TrialFailed(Exception):
-    """Raised by a trial whose training failed (non-finite loss, collapse, exception); Tune records it as errored."""
+    """Raised by a trial whose training failed (non-finite loss, exception); Tune records it as errored. Collapsed
+    codes are a result, not a failure."""
 
 
 def trial_config(ctx: RunContext, params: dict[str, Any]) -> cfg.Config:
@@ -113,7 +114,6 @@ def end_trial_run(tracker: RetryingTracker, run_id: str, status: str, reason: st
     tracker.set_tags(run_id, {"agch.status": status, "agch.reason": reason or ""})
     mlflow_status = {"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
     tracker.end_run(run_id, mlflow_status)
-
 
 
 def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -154,10 +154,10 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         else:
             name = run_name(context, params, config)
             protocol = describe_protocol(protocol_of(config, data))
-            tags = {**run_tags(config, data), "agch.group": context.group, "agch.slot": slot,
-                    "agch.name": context.name or context.group, "agch.seed": str(config.seed), "agch.protocol": protocol,
-                    "mlflow.note.content": f"{context.kind or 'trial'} {context.name or context.group}, {name}: "
-                                           f"every mAP is {protocol}",
+            label = context.name or context.group
+            tags = {**run_tags(config, data), "agch.group": context.group, "agch.slot": slot, "agch.name": label,
+                    "agch.seed": str(config.seed), "agch.protocol": protocol,
+                    "mlflow.note.content": f"{context.kind or 'trial'} {label}, {name}: every mAP is {protocol}",
                     "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
             if TRIAL_NUMBER in params:
                 tags["agch.trial_number"] = str(params[TRIAL_NUMBER])

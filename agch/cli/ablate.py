@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from agch import config as cfg
-from agch.cli.common import add_common_options, add_grid_options, config_layers, dataset_path, parse_pairs, run_main
+from agch.cli.common import (add_common_options, add_grid_options, add_tracking_option, config_layers, dataset_path,
+                             parse_pairs, run_main)
 from agch.errors import UserError, unknown
 
 EPILOG = """examples:
@@ -189,8 +189,7 @@ def show(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="agch-ablate show", description=show.__doc__)
     parser.add_argument("name", help="the ablation's name (its file's name:, or fix-NAME / toggle-KEY)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None)
-    parser.add_argument("--experiment", default="agch")
+    add_tracking_option(parser, experiment="agch")
     args = parser.parse_args(argv)
     tracker = open_tracker(args.tracking_uri, args.experiment, wait=False)
     print(ablation_report(tracker, args.name))

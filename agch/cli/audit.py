@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +35,6 @@ def run(argv: list[str] | None) -> int:
     from agch.train import resolve_device
 
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # four small files: no bars
     resolve_device(args.device)  # a bad --device fails before anything is read
     data = args.data.expanduser().resolve() if args.data is not None else None
     with tempfile.TemporaryDirectory() as folder:

@@ -26,9 +26,7 @@ def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "p
     parser.add_argument("--data", type=Path, default=None,
                         help="dataset file (agch-data format); default: the bundled synthetic MIRFlickr-like set")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
-                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
-                             "$AGCH_HOME, default ./.agch)")
+    add_tracking_option(parser)
     if not settings:
         return
     parser.add_argument("--preset", default=None,
@@ -45,6 +43,15 @@ def add_common_options(parser: argparse.ArgumentParser, preset_default: str = "p
                              "validation queries carved from its other rows (agch-search's and agch-ablate's "
                              "default); the same as --set eval_split=...")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: the config's, 0)")
+
+
+def add_tracking_option(parser: argparse.ArgumentParser, experiment: str | None = None) -> None:
+    """--tracking-uri, and --experiment with its default when `experiment` is given (the `show` subcommands)."""
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
+                        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else an SQLite file under "
+                             "$AGCH_HOME, default ./.agch)")
+    if experiment is not None:
+        parser.add_argument("--experiment", default=experiment, help=f"MLflow experiment (default {experiment})")
 
 
 def add_grid_options(parser: argparse.ArgumentParser, *, name_help: str, defaults_from: str = "") -> None:

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from agch.cli.common import add_common_options, config_layers, run_main
+from agch.cli.common import add_common_options, add_tracking_option, config_layers, run_main
 
 STATE_ORDER = ("running", "finished", "stopped", "failed", "interrupted")
 
@@ -37,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("space", help="search-space YAML (spaces/NAME.yaml = shipped)")
     show = commands.add_parser("show", help="print a search's trials, best first, from the tracking store")
     show.add_argument("name", help="the search's name")
-    show.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI") or None,
-                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the SQLite file under $AGCH_HOME)")
-    show.add_argument("--experiment", default="agch-search", help="MLflow experiment (default agch-search)")
+    add_tracking_option(show, experiment="agch-search")
     for sub in (run, resume):
         sub.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
                          help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)")
