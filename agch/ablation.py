@@ -230,7 +230,7 @@ def run_plan(plan: Plan, paths: dict[str, Path], tracker: Any, start: Any, *, ex
     groups_file = storage / f"ablation-{parent}.json"
     groups: list[dict[str, Any]] = json.loads(groups_file.read_text()) if groups_file.exists() else []
     runner = GroupRunner(plan, paths, tracker.uri, experiment, parent, device, storage,
-                         trial_resources(plan.spec.resources, device), ray_address, on_result, say)
+                         trial_resources(plan.spec.resources, device), ray_address, on_result, say, kind)
     try:
         precision = {t.identity: precision_of(plan.cells[t.cell].config, device) for t in plan.trials()}
         before = {} if rerun else reusable(recorded_runs(tracker, plan.dataset_identities.values()), precision)
@@ -305,6 +305,8 @@ class GroupRunner:
     ray_address: str | None
     on_result: Any
     say: Any
+    kind: str = "ablation"
+    """'ablation' or 'table': what the runs' descriptions call their parent."""
     outcomes: dict[str, Any] = field(default_factory=dict)
 
     def run(self, group: dict[str, Any], resume: bool) -> bool:
@@ -323,7 +325,7 @@ class GroupRunner:
                  for s in group["settings"]}
         ctx = RunContext(dataset=str(self.datasets[dataset]), tracking_uri=self.tracking_uri,
                          experiment=self.experiment, parent_run_id=self.parent, device=self.device, base=group["base"],
-                         group=group["name"], name=self.plan.spec.name, kind="ablation",
+                         group=group["name"], name=self.plan.spec.name, kind=self.kind,
                          arm_labels={k: self.plan.cells[t.cell].label for k, t in cells.items() if t is not None})
 
         def name(params: dict[str, Any]) -> tuple[str, int] | None:
