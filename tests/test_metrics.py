@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import SHARED_DATA
+from agch import metrics as metrics_module
 from agch.errors import UserError
 from agch.metrics import (
     RetrievalMetrics,
@@ -31,6 +32,17 @@ from tests.map_oracle import (
 DATA_DIR = SHARED_DATA
 PRECISION_KS = (1, 5, 50, 10_000)  # 10_000 is above every database here: clamped to the database size
 TOL = 1e-6
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def engine(request, monkeypatch) -> str:
+    """evaluate_hashing on CPU by the compiled kernel (agch.rank_kernel, the default) or by the torch sort path (what
+    runs on CUDA, and on CPU where numba is missing)."""
+    if request.param == "torch":
+        monkeypatch.setattr(metrics_module, "_cpu_kernel", lambda: None)
+    else:
+        assert metrics_module._cpu_kernel() is not None, "numba is a dependency: the CPU kernel must load"
+    return request.param
 
 
 def random_codes(rng: np.random.Generator, n: int, bits: int) -> np.ndarray:
@@ -65,9 +77,12 @@ def assert_matches_oracle(metrics: RetrievalMetrics, dist: np.ndarray, rel: np.n
         (33, 120, 16, 6, 0.0, True, 1),  # one query per chunk; single-label one-hot
         (25, 400, 64, 3, 0.05, False, 400 * 4),  # sparse labels: many queries with no relevant item
         (20, 150, 100, 70, 0.03, False, 150 * 7),  # 100 bits (two popcount words), 70 labels (three label words)
+        (9, 80, 300, 4, 0.3, False, 2**25),  # 300 bits: distances beyond uint8
     ],
 )
-def test_evaluate_hashing_matches_oracle(n_queries, n_db, bits, n_labels, density, single_label, max_chunk_elems):
+def test_evaluate_hashing_matches_oracle(
+    engine, n_queries, n_db, bits, n_labels, density, single_label, max_chunk_elems
+):
     rng = np.random.default_rng(n_queries)
     query_codes, db_codes = random_codes(rng, n_queries, bits), random_codes(rng, n_db, bits)
     query_labels = random_labels(rng, n_queries, n_labels, density, single_label)
@@ -83,7 +98,7 @@ def test_evaluate_hashing_matches_oracle(n_queries, n_db, bits, n_labels, densit
 
 
 @pytest.mark.parametrize("max_chunk_elems", [2**25, 90 * 4])
-def test_exclude_self_matches_oracle(max_chunk_elems):
+def test_exclude_self_matches_oracle(engine, max_chunk_elems):
     rng = np.random.default_rng(7)
     codes, labels = random_codes(rng, 90, 8), random_labels(rng, 90, 6, 0.25, False)
     metrics = evaluate_hashing(
@@ -97,7 +112,7 @@ def test_exclude_self_matches_oracle(max_chunk_elems):
     assert with_self.map["map@all"] > metrics.map["map@all"]
 
 
-def test_class_index_labels_equal_one_hot():
+def test_class_index_labels_equal_one_hot(engine):
     rng = np.random.default_rng(3)
     query_codes, db_codes = torch.from_numpy(random_codes(rng, 30, 8)), torch.from_numpy(random_codes(rng, 200, 8))
     query_classes, db_classes = torch.from_numpy(rng.integers(0, 4, 30)), torch.from_numpy(rng.integers(0, 4, 200))
@@ -125,7 +140,7 @@ HAND_QUERY_LABELS = torch.tensor([[1, 0]])
 HAND_DB_LABELS = torch.tensor([[1, 0], [0, 1], [1, 1], [1, 0]])
 
 
-def test_hand_computed_example():
+def test_hand_computed_example(engine):
     metrics = evaluate_hashing(
         HAND_QUERY, HAND_DB, HAND_QUERY_LABELS, HAND_DB_LABELS, ks=(None, 2, 1), precision_ks=(1, 2, 3, 4)
     )
@@ -135,7 +150,7 @@ def test_hand_computed_example():
     np.testing.assert_allclose(metrics.pr_recall, [1 / 3, 2 / 3, 1], atol=1e-12)
 
 
-def test_query_without_relevant_items_counts_as_zero():
+def test_query_without_relevant_items_counts_as_zero(engine):
     # second query has no label: AP 0, and it still counts -> mAP@ALL = (23/36 + 0) / 2 = 23/72
     queries, labels = torch.cat([HAND_QUERY, HAND_QUERY]), torch.cat([HAND_QUERY_LABELS, torch.tensor([[0, 0]])])
     metrics = evaluate_hashing(queries, HAND_DB, labels, HAND_DB_LABELS, ks=(None,))
@@ -144,7 +159,7 @@ def test_query_without_relevant_items_counts_as_zero():
     np.testing.assert_allclose(metrics.pr_recall, [1 / 6, 1 / 3, 1 / 2], atol=1e-12)
 
 
-def test_exclude_self_hand_computed():
+def test_exclude_self_hand_computed(engine):
     # codes a=[+1,+1], b=[+1,-1], c=[-1,-1]; labels a, b: A; c: B.
     # a ranks b (d 1, relevant), c (d 2): AP 1.  b ranks a, c (both d 1; index order a, c): relevant first, AP 1.
     # c ranks b (d 1), a (d 2): nothing relevant, AP 0.  mAP@ALL = 2/3.
@@ -155,7 +170,7 @@ def test_exclude_self_hand_computed():
     assert metrics.n_db == 2
 
 
-def test_ties_are_broken_by_database_index():
+def test_ties_are_broken_by_database_index(engine):
     # one relevant item tied with an irrelevant one: index order decides, in both directions
     assert map_at_k(torch.tensor([[0.0, 0.0]]), torch.tensor([[False, True]]), None) == 0.5
     assert map_at_k(torch.tensor([[0.0, 0.0]]), torch.tensor([[True, False]]), None) == 1.0
@@ -176,7 +191,7 @@ def test_map_at_k_generic_distances_match_oracle(dtype):
         assert map_at_k(dist, rel, k) == pytest.approx(expected, abs=TOL)
 
 
-def test_map_at_k_on_hamming_equals_evaluate_hashing():
+def test_map_at_k_on_hamming_equals_evaluate_hashing(engine):
     rng = np.random.default_rng(5)
     query_codes, db_codes = torch.from_numpy(random_codes(rng, 20, 12)), torch.from_numpy(random_codes(rng, 99, 12))
     query_labels = torch.from_numpy(random_labels(rng, 20, 5, 0.3, False))
@@ -193,16 +208,15 @@ def test_hamming_distance_paths_match_oracle(bits, popcount):
     rng = np.random.default_rng(bits)
     query_codes, db_codes = random_codes(rng, 13, bits), random_codes(rng, 29, bits)
     expected = oracle_hamming(query_codes, db_codes)
-    dist = _HammingDistances(torch.from_numpy(db_codes).float(), bits, torch.int32, popcount=popcount)(
-        torch.from_numpy(query_codes)
-    )
+    codes = torch.from_numpy(query_codes).float(), torch.from_numpy(db_codes).float()
+    dist = _HammingDistances(*codes, bits, torch.int32, popcount=popcount)(slice(None))
     np.testing.assert_array_equal(dist.numpy(), expected)
     public = hamming_distance(torch.from_numpy(query_codes), torch.from_numpy(db_codes))
     assert public.dtype == torch.int32
     np.testing.assert_array_equal(public.numpy(), expected)
 
 
-def test_codes_of_any_dtype_and_with_autograd_history():
+def test_codes_of_any_dtype_and_with_autograd_history(engine):
     rng = np.random.default_rng(4)
     query_codes, db_codes = random_codes(rng, 9, 24), random_codes(rng, 31, 24)
     expected = oracle_hamming(query_codes, db_codes)
