@@ -22,10 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field
 
 from agch import config as cfg
-from agch.errors import UserError, unknown
+from agch.errors import UserError, need, unknown
+from agch.schema import Schema, Where, shorthand, validate
 
 DESIGNS: dict[str, str] = {
     "one-fix": "paper",
@@ -44,13 +47,47 @@ CPU on the default synthetic dataset (docs/ablation.md has the measured time). O
 
 DEFAULT_RESOURCES: dict[str, float] = {"cpu": 1.0}
 """Per trial. `gpu` unset means AUTO_GPU_FRACTION when this machine has a GPU, else none."""
-RESOURCE_KEYS = ("cpu", "gpu")
 AUTO_GPU_FRACTION = 0.25
 """Trials are small (architecture.md): four share one GPU unless the file or --gpus-per-trial says otherwise."""
-
-SPEC_KEYS = ("name", "description", "design", "preset", "fixes", "toggles", "overrides", "seeds", "dataset",
-             "datasets", "bits", "epochs", "resources", "max_concurrent")
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "ablations"
+
+
+class DesignEntry(Schema):
+    """`design: add-one-in` or, to give that design its own base, `design: {kind: add-one-in, preset: debug-log}`."""
+
+    noun: ClassVar[str] = "design key"
+    kind: str
+    preset: str | None = None
+
+
+class TrialResources(Schema):
+    """What one trial asks of Ray."""
+
+    noun: ClassVar[str] = "resource"
+    cpu: float = Field(DEFAULT_RESOURCES["cpu"], ge=0)
+    gpu: float | None = Field(None, ge=0)
+
+
+class AblationFile(Schema):
+    """An ablation file as written (docs/ablation.md)."""
+
+    noun: ClassVar[str] = "ablation key"
+    name: str = Field(min_length=1, description="a non-empty string")
+    description: str = ""
+    design: Annotated[list[Annotated[DesignEntry, shorthand(str, "kind")]], shorthand((str, dict))] = Field(
+        min_length=1, description=f"one of {', '.join(DESIGNS)}, a {{kind, preset}} mapping or a list of them")
+    preset: str | None = None
+    fixes: Annotated[list[str], shorthand(str)] = Field(
+        [], description=f"a fix or a list of fixes ({', '.join(cfg.FIX_ALIASES)})")
+    toggles: dict[str, Any] = Field({}, description="a mapping of config keys to [off value, on value]")
+    overrides: dict[str, Any] = Field({}, description="a mapping of config keys")
+    seeds: int | list[int] = Field(DEFAULT_SEEDS, description="a count (e.g. 5) or a list of integers")
+    dataset: str | None = None
+    datasets: dict[str, str] = Field({}, description="a mapping of two names to dataset files")
+    bits: Any = None
+    epochs: Any = None
+    resources: TrialResources = TrialResources()
+    max_concurrent: int | None = Field(None, ge=1, description="an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -128,65 +165,33 @@ class AblationSpec:
 # ---------------------------------------------------------------- validation
 
 
-def seeds_from(value: Any, where: str) -> tuple[int, ...]:
+def seeds_from(value: int | list[int], where: str) -> tuple[int, ...]:
     """`seeds: 5` → (0..4); `seeds: [3, 7]` → (3, 7). At least one, no repeats."""
-    if isinstance(value, bool) or not isinstance(value, (int, list)):
-        raise UserError(f"{where}: seeds must be a count (e.g. 5) or a list of integers, got {value!r}")
     if isinstance(value, int):
-        if value < 1:
-            raise UserError(f"{where}: seeds must be >= 1 (>= 2 for a verdict), got {value}")
+        need(value >= 1, where, f"must be >= 1 (>= 2 for a verdict), got {value}")
         return tuple(range(value))
-    if not value or not all(isinstance(s, int) and not isinstance(s, bool) for s in value):
-        raise UserError(f"{where}: seeds must be a non-empty list of integers, got {value!r}")
-    if len(set(value)) != len(value):
-        raise UserError(f"{where}: seeds lists a seed twice: {value}")
+    need(bool(value), where, "must list at least one seed")
+    need(len(set(value)) == len(value), where, f"lists a seed twice: {value}")
     return tuple(value)
 
 
-def fix_list(value: Any, where: str) -> tuple[str, ...]:
-    """A list of fix names ('text-input' or 'text_input'), canonical, no repeats (empty when absent)."""
-    if value in (None, []):
-        return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list):
-        raise UserError(f"{where}: expected a list of fixes ({', '.join(cfg.FIX_ALIASES)})")
-    names = tuple(cfg.fix_name(str(item), where) for item in items)
-    if len(set(names)) != len(names):
-        raise UserError(f"{where}: a fix is listed twice: {', '.join(map(str, items))}")
-    return names
-
-
-def designs_from(value: Any, preset: str | None, where: str) -> tuple[Design, ...]:
-    """`design: add-one-in`, or a list of names / {kind, preset} mappings."""
-    items = value if isinstance(value, list) else [value]
+def designs_from(entries: list[DesignEntry], preset: str | None, where: Where) -> tuple[Design, ...]:
+    """Each design and its base preset: its own, else the file's `preset`, else the design's default."""
     designs = []
-    for i, item in enumerate(items):
-        at = f"{where}.design" + (f"[{i}]" if isinstance(value, list) else "")
-        item_preset = preset
-        if isinstance(item, dict):
-            extra = set(item) - {"kind", "preset"}
-            if extra:
-                raise unknown("design key", sorted(extra)[0], ("kind", "preset"), at)
-            item_preset = item.get("preset", preset)
-            item = item.get("kind")
-        if item not in DESIGNS:
-            raise unknown("design", str(item), DESIGNS, at)
-        chosen = str(item_preset or DESIGNS[item])
+    for i, entry in enumerate(entries):
+        at = where("design", i)
+        if entry.kind not in DESIGNS:
+            raise unknown("design", entry.kind, DESIGNS, at)
+        chosen = entry.preset or preset or DESIGNS[entry.kind]
         if chosen not in cfg.PRESETS:
-            raise unknown("preset", chosen, cfg.PRESETS, f"{at} ({item} needs a base preset)")
-        designs.append(Design(item, chosen))
-    if not designs:
-        raise UserError(f"{where}: design must name at least one of {', '.join(DESIGNS)}")
+            raise unknown("preset", chosen, cfg.PRESETS, f"{at} ({entry.kind} needs a base preset)")
+        designs.append(Design(entry.kind, chosen))
     return tuple(dict.fromkeys(designs))
 
 
-def toggle_list(value: Any, where: str) -> tuple[Factor, ...]:
+def toggle_list(value: dict[str, Any], where: str) -> tuple[Factor, ...]:
     """`{feature_norm: [none, standardize], batch_size: [32, 128]}` (off value, on value) as factors; each value is
     checked as that config key would be."""
-    if value in (None, {}):
-        return ()
-    if not isinstance(value, dict):
-        raise UserError(f"{where}: expected a mapping of config keys to [off value, on value]")
     factors = []
     for key, pair in value.items():
         key = str(key)
@@ -223,80 +228,63 @@ def check_not_fixed(factors: tuple[Factor, ...], overrides: dict[str, Any], sour
                         "drop one: an ablation cannot switch what it also fixes")
 
 
-def parse_spec(raw: Any, where: str, relative_to: Path | None = None) -> AblationSpec:
-    """Validate an ablation file's mapping; every error names the file and key and what is allowed."""
-    if not isinstance(raw, dict):
-        raise UserError(f"{where}: expected a mapping with keys {', '.join(SPEC_KEYS)}")
-    for key in raw:
-        if key not in SPEC_KEYS:
-            raise unknown("ablation key", str(key), SPEC_KEYS, where)
-    for key in ("name", "design"):
-        if raw.get(key) in (None, "", []):
-            raise UserError(f"{where}: missing '{key}'")
-    if raw.get("fixes") in (None, "", []) and raw.get("toggles") in (None, {}) and not raw.get("datasets"):
-        raise UserError(f"{where}: missing 'fixes' (or 'toggles' or 'datasets'): nothing to switch")
-    overrides = raw.get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise UserError(f"{where}: overrides must be a mapping of config keys")
-    overrides = dict(overrides)
+def parse_spec(raw: Any, where: str | Where, relative_to: Path | None = None) -> AblationSpec:
+    """Validate an ablation file's mapping; every error names the file (and line, given a Where with the file's
+    text) and key and what is allowed."""
+    where = where if isinstance(where, Where) else Where(where)
+    doc = validate(AblationFile, raw, where)
+    need(bool(doc.fixes or doc.toggles or doc.datasets), where(), "missing 'fixes' (or 'toggles' or 'datasets'): "
+         "nothing to switch")
+    overrides = dict(doc.overrides)
     for key in ("bits", "epochs"):
-        if key in raw:
-            if key in overrides:
-                raise UserError(f"{where}: '{key}' is given both at the top level and in overrides; keep one")
-            overrides[key] = raw[key]
-    fixes = fix_list(raw.get("fixes"), f"{where}: fixes")
-    toggles = toggle_list(raw.get("toggles"), f"{where}: toggles")
-    check_not_fixed(tuple(Factor.fix(f) for f in fixes) + toggles, overrides, f"{where} overrides")
-    if "seed" in overrides:
-        raise UserError(f"{where}: 'seed' cannot be an override; the ablation sets it from 'seeds'")
-    cfg.apply(cfg.Config(), overrides, where=f"{where}: overrides")  # unknown keys / bad values fail here
-    resources = raw.get("resources") or {}
-    if not isinstance(resources, dict):
-        raise UserError(f"{where}: resources must be a mapping such as {{cpu: 1, gpu: 0.25}}")
-    resources = check_resources(dict(DEFAULT_RESOURCES, **resources), f"{where}: resources")
-    max_concurrent = raw.get("max_concurrent")
-    if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
-        raise UserError(f"{where}: max_concurrent must be an integer >= 1, got {max_concurrent!r}")
-    dataset = None if raw.get("dataset") is None else _path(raw["dataset"], relative_to)
-    datasets = dataset_list(raw.get("datasets"), f"{where}: datasets", relative_to)
-    if datasets and dataset is not None:
-        raise UserError(f"{where}: give 'dataset' (one) or 'datasets' (two to compare), not both")
+        if getattr(doc, key) is not None:
+            need(key not in overrides, where(key), f"'{key}' is given both at the top level and in overrides; keep one")
+            overrides[key] = getattr(doc, key)
+    fixes = tuple(cfg.fix_name(name, where("fixes", i)) for i, name in enumerate(doc.fixes))
+    need(len(set(fixes)) == len(fixes), where("fixes"), f"a fix is listed twice: {', '.join(doc.fixes)}")
+    toggles = toggle_list(doc.toggles, where("toggles"))
+    check_not_fixed(tuple(Factor.fix(f) for f in fixes) + toggles, overrides, f"{where.source} overrides")
+    need("seed" not in overrides, where("overrides", "seed"), "'seed' cannot be an override; the ablation sets it "
+         "from 'seeds'")
+    cfg.apply(cfg.Config(), overrides, where=where("overrides"))  # unknown keys / bad values fail here
+    dataset = None if doc.dataset is None else _path(doc.dataset, relative_to)
+    datasets = dataset_list(doc.datasets, where("datasets"), relative_to)
+    need(not (datasets and dataset is not None), where(), "give 'dataset' (one) or 'datasets' (two to compare), "
+         "not both")
     return AblationSpec(
-        name=str(raw["name"]), description=str(raw.get("description") or "").strip(),
-        designs=designs_from(raw["design"], raw.get("preset"), where), fixes=fixes, toggles=toggles,
-        overrides=overrides,
-        seeds=seeds_from(raw.get("seeds", DEFAULT_SEEDS), f"{where}: seeds"), dataset=dataset,
-        resources=resources, max_concurrent=max_concurrent, datasets=datasets)
+        name=doc.name, description=doc.description.strip(), designs=designs_from(doc.design, doc.preset, where),
+        fixes=fixes, toggles=toggles, overrides=overrides, seeds=seeds_from(doc.seeds, where("seeds")),
+        dataset=dataset, resources=_asked(doc.resources, where("resources")), max_concurrent=doc.max_concurrent,
+        datasets=datasets)
 
 
-def _path(value: Any, relative_to: Path | None) -> Path:
-    path = Path(str(value)).expanduser()
+def _path(value: str, relative_to: Path | None) -> Path:
+    path = Path(value).expanduser()
     return relative_to / path if not path.is_absolute() and relative_to is not None else path
 
 
-def dataset_list(value: Any, where: str, relative_to: Path | None = None) -> tuple[tuple[str, Path], ...]:
+def dataset_list(value: dict[str, str], where: str, relative_to: Path | None = None) -> tuple[tuple[str, Path], ...]:
     """`{alexnet: a.h5, vgg16: b.h5}`: two named dataset files, the first the 'off' side of the comparison."""
-    if value in (None, {}):
+    if not value:
         return ()
-    if not isinstance(value, dict) or len(value) != 2 or not all(isinstance(v, str) and v for v in value.values()):
-        raise UserError(f"{where}: expected two named dataset files, off first, e.g. {{alexnet: "
-                        f"data/mirflickr-alexnet.h5, vgg16: data/mirflickr-vgg16.h5}}; got {value!r}")
+    need(len(value) == 2 and all(value.values()), where, "expected two named dataset files, off first, e.g. "
+         f"{{alexnet: data/mirflickr-alexnet.h5, vgg16: data/mirflickr-vgg16.h5}}; got {value!r}")
     paths = tuple((str(name), _path(path, relative_to)) for name, path in value.items())
-    if paths[0][1].resolve() == paths[1][1].resolve():
-        raise UserError(f"{where}: both names point at {paths[0][1]}; a comparison needs two different files")
+    need(paths[0][1].resolve() != paths[1][1].resolve(), where,
+         f"both names point at {paths[0][1]}; a comparison needs two different files")
     return paths
 
 
 def check_resources(resources: dict[str, Any], where: str) -> dict[str, float]:
-    """{cpu, gpu} per trial, numbers >= 0, not both 0."""
-    for key, value in resources.items():
-        if key not in RESOURCE_KEYS:
-            raise unknown("resource", key, RESOURCE_KEYS, where)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UserError(f"{where}: {key} must be a number >= 0, got {value!r}")
-    if not any(resources.values()):
-        raise UserError(f"{where}: a trial must ask for some cpu or gpu")
-    return {k: float(v) for k, v in resources.items()}
+    """{cpu, gpu} per trial (cpu 1 unless given; gpu left out unless given), numbers >= 0, not both 0."""
+    return _asked(validate(TrialResources, resources, Where(where)), where)
+
+
+def _asked(resources: TrialResources, where: str) -> dict[str, float]:
+    """What a trial asks for: cpu, and gpu when given; not nothing."""
+    asked = resources.model_dump(exclude_none=True)
+    need(any(asked.values()), where, "a trial must ask for some cpu or gpu")
+    return asked
 
 
 def trial_resources(resources: dict[str, float], device: str) -> dict[str, float]:
@@ -323,6 +311,5 @@ def resolve_spec_path(arg: str) -> Path:
 
 def load_spec(path: Path) -> AblationSpec:
     """Read and validate an ablation YAML file."""
-    from agch.config import load_yaml
-
-    return parse_spec(load_yaml(path), str(path), relative_to=path.parent)
+    raw = cfg.load_yaml(path)  # syntax errors name the file and line
+    return parse_spec(raw, Where(path, path.read_text()), relative_to=path.parent)

@@ -13,27 +13,85 @@ import inspect
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
-import yaml
+from pydantic import Field
 
 from agch import config as cfg
 from agch.errors import UserError, need, unknown
+from agch.schema import Schema, Where, shorthand, validate
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 """The search spaces shipped with the source tree; `spaces/NAME.yaml` on the command line means one of them."""
 SAMPLERS = {"tpe": "TPESampler", "cmaes": "CmaEsSampler", "gp": "GPSampler", "random": "RandomSampler",
             "qmc": "QMCSampler", "grid": "GridSampler"}
 SCHEDULERS = ("asha", "none")
-TOP_KEYS = ("description", "preset", "fixed", "dataset", "parameters", "sampler", "scheduler", "trials",
-            "concurrency", "resources", "objective", "seeds", "time_budget")
-PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")
-SECTION_KEYS = {"sampler": ("name", "seed", "options"),
-                "scheduler": ("name", "epochs", "grace_period", "reduction_factor", "stop_on_collapse"),
-                "resources": ("cpus", "gpus"), "objective": ("metric", "metrics", "mode")}
 NOT_SEARCHABLE = {"epochs": "the budget: set scheduler.epochs",
                   "seed": "set it with fixed.seed (or --seed) and 'seeds'"}
+
+
+class ParameterSpec(Schema):
+    """A searched parameter as written: a range (low, high, optionally log or step) or `choices` (a list alone)."""
+
+    noun: ClassVar[str] = "parameter key"
+    type: Literal["float", "int", "categorical"] | None = None
+    """None: categorical with choices, else the config key's own type."""
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+
+class SamplerSpec(Schema):
+    noun: ClassVar[str] = "key in sampler"
+    name: str = "tpe"
+    seed: int = 0
+    options: dict[str, Any] = Field({}, description="a mapping of sampler arguments")
+
+
+class SchedulerSpec(Schema):
+    noun: ClassVar[str] = "key in scheduler"
+    name: str = "none"
+    epochs: int | None = Field(None, ge=1)
+    """the budget; None: the base config's epochs."""
+    grace_period: int = 1
+    reduction_factor: float = Field(2.0, gt=1)
+    stop_on_collapse: bool = True
+
+
+class ResourcesSpec(Schema):
+    noun: ClassVar[str] = "key in resources"
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = 0.0
+
+
+class ObjectiveSpec(Schema):
+    noun: ClassVar[str] = "key in objective"
+    metric: str | None = None
+    metrics: list[str] | None = Field(None, min_length=1, max_length=2, description="a list of one or two metrics")
+    mode: Literal["max", "min"] = "max"
+
+
+class SpaceFile(Schema):
+    """A space file as written (docs/search.md)."""
+
+    description: str = ""
+    preset: str = "paper"
+    fixed: dict[str, Any] = Field({}, description="a mapping of config keys")
+    dataset: str | None = None
+    parameters: dict[str, Annotated[ParameterSpec, shorthand(list, "choices")]] = Field(
+        min_length=1, description="a mapping of at least one config key to a range or a list of choices")
+    sampler: Annotated[SamplerSpec, shorthand(str, "name")] = SamplerSpec()
+    scheduler: Annotated[SchedulerSpec, shorthand(str, "name")] = SchedulerSpec()
+    trials: int = Field(10, ge=1)
+    concurrency: int = Field(1, ge=1)
+    resources: ResourcesSpec = ResourcesSpec()
+    objective: ObjectiveSpec = ObjectiveSpec()
+    seeds: int = Field(1, ge=1)
+    time_budget: Any = None
+    """seconds or a duration like '30m' (_duration)."""
 
 
 @dataclass(frozen=True)
@@ -122,46 +180,7 @@ def resolve_space_path(arg: str) -> Path:
                     f"{', '.join(f'spaces/{s}.yaml' for s in sorted(shipped))})")
 
 
-class _Where:
-    """Names a place in a YAML file as 'FILE line N: key.path', lines taken from the parsed node tree."""
-
-    def __init__(self, path: Path, text: str):
-        self.path, self.lines = path, {}
-
-        def walk(node: Any, keys: tuple) -> None:
-            if isinstance(node, yaml.MappingNode):
-                for key_node, value in node.value:
-                    sub = (*keys, str(key_node.value))
-                    self.lines[sub] = key_node.start_mark.line + 1
-                    walk(value, sub)
-
-        walk(yaml.compose(text), ())
-
-    def __call__(self, *keys: str) -> str:
-        for cut in range(len(keys), 0, -1):
-            if keys[:cut] in self.lines:
-                return f"{self.path} line {self.lines[keys[:cut]]}: {'.'.join(keys)}"
-        return f"{self.path}: {'.'.join(keys) or 'top level'}"
-
-
-def _number(value: Any, where: str, *, integer: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not integer or float(value).is_integer())
-    need(ok, where, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
-    return int(value) if integer else float(value)
-
-
-def _section(doc: dict, name: str, where: _Where, default: Any) -> dict:
-    value = doc.get(name, default)
-    if isinstance(value, str) and name in ("sampler", "scheduler"):
-        value = {"name": value}
-    need(isinstance(value, dict), where(name), f"must be a mapping, got {value!r}")
-    for key in value:
-        if key not in SECTION_KEYS.get(name, value):
-            raise unknown(f"key in {name}", str(key), SECTION_KEYS[name], where(name, str(key)))
-    return value
-
-
-def _parameter(name: str, spec: Any, base: cfg.Config, where: _Where) -> Parameter:
+def _parameter(name: str, spec: ParameterSpec, base: cfg.Config, where: Where) -> Parameter:
     at = where("parameters", name)
     if name.startswith("fixes."):
         canon = "fixes." + cfg.fix_name(name.split(".", 1)[1], at)
@@ -171,50 +190,40 @@ def _parameter(name: str, spec: Any, base: cfg.Config, where: _Where) -> Paramet
         raise unknown("parameter", name, cfg.field_names(), at)
     need(canon not in NOT_SEARCHABLE, at, f"cannot be searched ({NOT_SEARCHABLE.get(canon)})")
     current = cfg.to_flat(base)[canon]
-    if isinstance(spec, list):
-        spec = {"choices": spec}
-    need(isinstance(spec, dict), at, "must be a mapping (type, low, high, log, step) or a list of choices")
-    for key in spec:
-        if key not in PARAM_KEYS:
-            raise unknown("parameter key", str(key), PARAM_KEYS, where("parameters", name, str(key)))
     numeric = isinstance(current, (int, float)) and not isinstance(current, bool)
-    need(numeric or "choices" in spec, at, f"is {type(current).__name__}-valued: give 'choices' "
-          f"(e.g. choices: {[current]})")
-    default_kind = "categorical" if "choices" in spec or not numeric else type(current).__name__
-    kind = spec.get("type", default_kind)
-    need(kind in ("float", "int", "categorical"), where("parameters", name, "type"),
-          f"must be float, int or categorical, got {kind!r}")
+    need(numeric or spec.choices is not None, at, f"is {type(current).__name__}-valued: give 'choices' "
+         f"(e.g. choices: {[current]})")
+    kind = spec.type or ("categorical" if spec.choices is not None or not numeric else type(current).__name__)
     check = lambda value, key: cfg.apply(base, {canon: value}, where=where("parameters", name, key))  # noqa: E731
     if kind == "categorical":
-        choices = spec.get("choices")
-        need(isinstance(choices, list) and choices, where("parameters", name, "choices"),
-              "a categorical parameter needs a non-empty list of choices")
+        choices = spec.choices
+        need(bool(choices), where("parameters", name, "choices"),
+             "a categorical parameter needs a non-empty list of choices")
         need(len({repr(c) for c in choices}) == len(choices), where("parameters", name, "choices"),
-              f"has duplicates: {choices}")
-        extra = sorted(set(spec) - {"type", "choices"})
+             f"has duplicates: {choices}")
+        extra = sorted(spec.model_fields_set - {"type", "choices"})
         need(not extra, at, f"a categorical parameter takes only 'choices', not {', '.join(extra)}")
         for choice in choices:
             check(choice, "choices")
         return Parameter(canon, "categorical", choices=tuple(choices))
     need(numeric, at, f"is {type(current).__name__}-valued: give 'choices'")
     need(kind == "int" or isinstance(current, float), at, "is an integer setting: use type: int")
-    integer = kind == "int"
-    need("low" in spec and "high" in spec, at, f"a {kind} range needs low and high")
-    low = _number(spec["low"], where("parameters", name, "low"), integer=integer)
-    high = _number(spec["high"], where("parameters", name, "high"), integer=integer)
+    need(spec.low is not None and spec.high is not None, at, f"a {kind} range needs low and high")
+    if kind == "int":
+        for key in ("low", "high", "step"):
+            value = getattr(spec, key)
+            need(value is None or value.is_integer(), where("parameters", name, key),
+                 f"must be an integer, got {value}")
+    low, high, step = (v if kind == "float" or v is None else int(v) for v in (spec.low, spec.high, spec.step))
     need(low != high, at, f"empty range: low == high == {low} (use fixed: for a constant)")
     need(low < high, at, f"inverted range: low {low} > high {high}")
-    log = spec.get("log", False)
-    need(isinstance(log, bool), where("parameters", name, "log"), f"must be true or false, got {log!r}")
-    need(not log or low > 0, where("parameters", name, "low"), f"a log range needs low > 0, got {low}")
-    step = spec.get("step")
+    need(not spec.log or low > 0, where("parameters", name, "low"), f"a log range needs low > 0, got {low}")
     if step is not None:
-        step = _number(step, where("parameters", name, "step"), integer=integer)
-        need(not log, where("parameters", name, "step"), "step and log cannot be combined")
+        need(not spec.log, where("parameters", name, "step"), "step and log cannot be combined")
         need(0 < step <= high - low, where("parameters", name, "step"), f"must be in (0, high - low], got {step}")
     check(low, "low")
     check(high, "high")
-    return Parameter(canon, kind, low=low, high=high, log=log, step=step)
+    return Parameter(canon, kind, low=low, high=high, log=spec.log, step=step)
 
 
 def _duration(value: Any, where: str) -> float | None:
@@ -239,97 +248,60 @@ def load_space(arg: str, *, overrides: dict[str, Any] | None = None, preset: str
         ['delta', 'gamma_v', 'gamma_t']
     """
     path = resolve_space_path(arg)
+    raw = cfg.load_yaml(path)  # syntax errors name the file and line
     text = path.read_text()
-    from agch.config import load_yaml  # errors name the file and line
-
-    doc = load_yaml(path)
-    where = _Where(path, text)
-    need(isinstance(doc, dict), where(), f"expected a mapping of {', '.join(TOP_KEYS)}")
-    for key in doc:
-        if key not in TOP_KEYS:
-            raise unknown("key", str(key), TOP_KEYS, where(str(key)))
-    preset_name = preset or doc.get("preset", "paper")
+    where = Where(path, text)
+    doc = validate(SpaceFile, raw, where)
+    preset_name = preset or doc.preset
     if preset_name not in cfg.PRESETS:
-        raise unknown("preset", str(preset_name), cfg.PRESETS, where("preset"))
-    fixed = doc.get("fixed") or {}
-    need(isinstance(fixed, dict), where("fixed"), "must be a mapping of config keys")
-    need("epochs" not in fixed, where("fixed", "epochs"), "the budget in epochs is scheduler.epochs")
-    base = cfg.apply(cfg.preset(preset_name), {"eval_every": 1, **cfg.SELECTION_DEFAULTS, **fixed},
+        raise unknown("preset", preset_name, cfg.PRESETS, where("preset"))
+    need("epochs" not in doc.fixed, where("fixed", "epochs"), "the budget in epochs is scheduler.epochs")
+    base = cfg.apply(cfg.preset(preset_name), {"eval_every": 1, **cfg.SELECTION_DEFAULTS, **doc.fixed},
                      where=where("fixed"))
     base = cfg.apply(base, overrides or {}, where="command line")
 
-    specs = doc.get("parameters")
-    need(isinstance(specs, dict) and specs, where("parameters"), "must map at least one config key to a range")
-    parameters = [_parameter(str(name), spec, base, where) for name, spec in specs.items()]
+    parameters = [_parameter(name, spec, base, where) for name, spec in doc.parameters.items()]
     names = [p.name for p in parameters]
     need(len(set(names)) == len(names), where("parameters"), f"a parameter is listed twice: {names}")
-    for name in set(names) & (set(fixed) | set(overrides or {})):
+    for name in set(names) & (set(doc.fixed) | set(overrides or {})):
         raise UserError(f"{where('parameters', name)}: is searched, so it cannot also be fixed or set")
 
-    sampler = _section(doc, "sampler", where, {"name": "tpe"})
-    sampler_name = sampler.get("name", "tpe")
-    if sampler_name not in SAMPLERS:
-        raise unknown("sampler", str(sampler_name), SAMPLERS, where("sampler", "name"))
-    options = sampler.get("options") or {}
-    need(isinstance(options, dict), where("sampler", "options"), "must be a mapping of sampler arguments")
-
-    scheduler = _section(doc, "scheduler", where, {"name": "none"})
-    if scheduler.get("name", "none") not in SCHEDULERS:
-        raise unknown("scheduler", str(scheduler.get("name")), SCHEDULERS, where("scheduler", "name"))
-    budget = int(_number(scheduler.get("epochs", base.epochs), where("scheduler", "epochs"), integer=True))
-    grace = int(_number(scheduler.get("grace_period", 1), where("scheduler", "grace_period"), integer=True))
-    factor = _number(scheduler.get("reduction_factor", 2), where("scheduler", "reduction_factor"))
-    need(budget >= 1, where("scheduler", "epochs"), f"must be >= 1, got {budget}")
+    sampler, scheduler, objective = doc.sampler, doc.scheduler, doc.objective
+    if sampler.name not in SAMPLERS:
+        raise unknown("sampler", sampler.name, SAMPLERS, where("sampler", "name"))
+    if scheduler.name not in SCHEDULERS:
+        raise unknown("scheduler", scheduler.name, SCHEDULERS, where("scheduler", "name"))
+    budget, grace = scheduler.epochs or base.epochs, scheduler.grace_period
     need(1 <= grace <= budget, where("scheduler", "grace_period"), f"must be in [1, epochs={budget}], got {grace}")
-    need(factor > 1, where("scheduler", "reduction_factor"), f"must be > 1, got {factor}")
-    stop_on_collapse = scheduler.get("stop_on_collapse", True)
-    need(isinstance(stop_on_collapse, bool), where("scheduler", "stop_on_collapse"),
-         f"must be true or false, got {stop_on_collapse!r}")
     if epochs is not None:
         need(epochs >= 1, "--epochs", f"must be >= 1, got {epochs}")
         budget, grace = epochs, min(grace, epochs)
     base = cfg.apply(base, {"epochs": budget})
 
-    objective = _section(doc, "objective", where, {"metric": f"map{base.topk}_mean"})
-    metrics = objective.get("metrics") or [objective.get("metric", f"map{base.topk}_mean")]
-    need(isinstance(metrics, list) and len(metrics) in (1, 2), where("objective"),
-          "give metric: NAME or metrics: [A, B]")
+    metrics = objective.metrics or [objective.metric or f"map{base.topk}_mean"]
     known = [f"map{base.topk}_{d}" for d in ("i2t", "t2i", "mean")] + [f"mapall_{d}" for d in ("i2t", "t2i", "mean")]
     for metric in metrics:
         if metric not in known:
-            raise unknown("objective metric", str(metric), known, where("objective"))
-    mode = objective.get("mode", "max")
-    need(mode in ("max", "min"), where("objective", "mode"), f"must be max or min, got {mode!r}")
-
-    resources = _section(doc, "resources", where, {})
-    cpus = _number(resources.get("cpus", 1), where("resources", "cpus"))
-    gpus = _number(resources.get("gpus", 0), where("resources", "gpus"))
-    need(cpus > 0, where("resources", "cpus"), f"must be > 0, got {cpus}")
+            raise unknown("objective metric", metric, known, where("objective"))
+    gpus = doc.resources.gpus
     need(gpus >= 0 and (gpus <= 1 or gpus.is_integer()), where("resources", "gpus"),
-          f"must be a fraction in [0, 1] or a whole number of GPUs, got {gpus}")
-    seeds = int(_number(doc.get("seeds", 1), where("seeds"), integer=True))
-    need(seeds >= 1, where("seeds"), f"must be >= 1, got {seeds}")
-    count = int(_number(trials if trials is not None else doc.get("trials", 10),
-                        "--trials" if trials is not None else where("trials"), integer=True))
-    need(count >= 1, "--trials" if trials is not None else where("trials"), f"must be >= 1, got {count}")
-    concurrency = int(_number(doc.get("concurrency", 1), where("concurrency"), integer=True))
-    need(concurrency >= 1, where("concurrency"), f"must be >= 1, got {concurrency}")
-    data = doc.get("dataset")
-    dataset = dataset or (None if data in (None, "default") else (path.parent / str(data)).resolve())
+         f"must be a fraction in [0, 1] or a whole number of GPUs, got {gpus}")
+    need(trials is None or trials >= 1, "--trials", f"must be >= 1, got {trials}")
+    dataset = dataset or (None if doc.dataset in (None, "default") else (path.parent / doc.dataset).resolve())
 
     space = SearchSpace(source=str(path), text=text, preset=preset_name, base=cfg.to_flat(base),
-                        parameters=parameters, sampler=sampler_name, sampler_seed=int(_number(
-                            sampler.get("seed", 0), where("sampler", "seed"), integer=True)),
-                        sampler_options=options, scheduler=scheduler.get("name", "none"), epochs=budget,
-                        grace_period=grace, reduction_factor=factor, trials=count, concurrency=concurrency,
-                        cpus=cpus, gpus=gpus, metrics=metrics, mode=mode, seeds=seeds,
+                        parameters=parameters, sampler=sampler.name, sampler_seed=sampler.seed,
+                        sampler_options=sampler.options, scheduler=scheduler.name, epochs=budget,
+                        grace_period=grace, reduction_factor=scheduler.reduction_factor,
+                        trials=doc.trials if trials is None else trials, concurrency=doc.concurrency,
+                        cpus=doc.resources.cpus, gpus=gpus, metrics=metrics, mode=objective.mode, seeds=doc.seeds,
                         dataset=str(dataset) if dataset else None,
-                        time_budget_s=_duration(doc.get("time_budget"), where("time_budget")),
-                        stop_on_collapse=stop_on_collapse)
+                        time_budget_s=_duration(doc.time_budget, where("time_budget")),
+                        stop_on_collapse=scheduler.stop_on_collapse)
     return _check_sampler(space, where)
 
 
-def _check_sampler(space: SearchSpace, where: _Where) -> SearchSpace:
+def _check_sampler(space: SearchSpace, where: Where) -> SearchSpace:
     """Refuse combinations a sampler or scheduler cannot handle; cap a grid search's trials to its grid."""
     name, at = space.sampler, where("sampler", "name")
     kinds = {p.kind for p in space.parameters}

@@ -10,7 +10,8 @@ import yaml
 
 from agch import config as cfg
 from agch.ablation_plan import build_plan, cell_identity, trial_identity
-from agch.ablation_spec import DEFAULT_BUDGET, SHIPPED_DIR, load_spec, parse_spec, resolve_spec_path
+from agch.ablation_spec import (DEFAULT_BUDGET, SHIPPED_DIR, check_resources, load_spec, parse_spec,
+                                resolve_spec_path)
 from agch.cli.ablate import build_parser, main, spec_from_args
 from agch.errors import UserError
 
@@ -90,8 +91,8 @@ def test_cells_shared_by_two_designs_are_trained_once() -> None:
     ({"design": "leave-two-out"}, "unknown design 'leave-two-out'"),
     ({"design": {"kind": "add-one-in", "preset": "paperr"}}, "unknown preset 'paperr' (did you mean 'paper'?)"),
     ({"preset": "final"}, "one-fix needs a base preset"),
-    ({"seeds": 0}, "seeds must be >= 1"),
-    ({"seeds": [1, 1]}, "seeds lists a seed twice"),
+    ({"seeds": 0}, "t.yaml: seeds: must be >= 1 (>= 2 for a verdict), got 0"),
+    ({"seeds": [1, 1]}, "t.yaml: seeds: lists a seed twice: [1, 1]"),
     ({"overrides": {"fixes.alignment": "on"}}, "fix 'alignment' is both toggled and held fixed (in t.yaml overrides)"),
     ({"overrides": {"fixes": {"alignment": False}}}, "both toggled"),
     ({"overrides": {"seed": 3}}, "'seed' cannot be an override"),
@@ -105,6 +106,43 @@ def test_bad_files_fail_with_a_clear_message(raw: dict, message: str) -> None:
     with pytest.raises(UserError) as err:
         spec(**raw)
     assert message in str(err.value) and "t.yaml" in str(err.value)
+
+
+HEAD = "name: t\ndesign: one-fix\nfixes: [alignment]\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (HEAD + "resources:\n  cpu: 1\n  gpus: 1\n",
+     "line 6: resources.gpus: unknown resource 'gpus' (did you mean 'gpu'?); known: cpu, gpu"),
+    ("name: t\nfixes: [alignment]\ndesign:\n  - one-fix\n  - {knd: add-one-in}\n",
+     "line 5: design[1].knd: unknown design key 'knd' (did you mean 'kind'?); known: kind, preset"),
+    ("name: t\ndesign: one-fix\nfixes:\n  - balance\n  - alignmnt\n",
+     "line 5: fixes[1]: unknown fix 'alignmnt' (did you mean 'alignment'?)"),
+    (HEAD + "seeds: true\n", "line 4: seeds: must be a count (e.g. 5) or a list of integers, got True"),
+    (HEAD + "seeds: [1, two]\n", "line 4: seeds: must be a count (e.g. 5) or a list of integers, got [1, 'two']"),
+    (HEAD + "resources: {cpu: true}\n", "line 4: resources.cpu: must be a number, got True"),
+    (HEAD + "max_concurrent: 1.5\n", "line 4: max_concurrent: must be an integer >= 1, got 1.5"),
+    (HEAD + "overrides: [bits]\n", "line 4: overrides: must be a mapping of config keys, got ['bits']"),
+    (HEAD + "resources: {cpu: 0}\n", "line 4: resources: a trial must ask for some cpu or gpu"),
+], ids=["resource key", "design key", "fix", "bool seeds", "string seed", "bool cpu", "float count", "overrides type",
+        "no resources"])
+def test_file_errors_name_the_line_the_key_path_and_what_is_allowed(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path} {message}"), err.value
+
+
+def test_a_file_may_say_one_design_or_fix_without_a_list_and_null_means_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text("name: t\ndesign: {kind: add-one-in, preset: debug-log}\nfixes: balance\nseeds:\nresources:\n")
+    loaded = load_spec(path)
+    assert [(d.kind, d.preset) for d in loaded.designs] == [("add-one-in", "debug-log")]
+    assert loaded.fixes == ("balance",) and len(loaded.seeds) == 5 and loaded.resources == {"cpu": 1.0}
+    assert check_resources({"cpu": 2, "gpu": 0.5}, "--gpus-per-trial") == {"cpu": 2.0, "gpu": 0.5}
+    with pytest.raises(UserError, match=r"^--gpus-per-trial: gpu: must be >= 0, got -1.0$"):
+        check_resources({"cpu": 1, "gpu": -1.0}, "--gpus-per-trial")
 
 
 def test_shipped_files_resolve_by_name(tmp_path: Path) -> None:

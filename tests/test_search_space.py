@@ -149,6 +149,54 @@ def test_line_numbers_point_at_the_offending_key(tmp_path: Path) -> None:
         search_space.load_space(str(path))
 
 
+ONE_PARAMETER = "preset: paper\nparameters:\n  delta: {low: 0.1, high: 1}\n"
+"""Lines 1-3 of every file below; what each test adds starts on line 4."""
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("scheduler:\n  name: asha\n  grace: 2\n",
+     r"line 6: scheduler.grace: unknown key in scheduler 'grace' \(did you mean 'grace_period'\?\); "
+     r"known: epochs, grace_period, name, reduction_factor, stop_on_collapse$"),
+    ("resources: {cpus: 1, gpu: 1}\n",
+     r"line 4: resources.gpu: unknown key in resources 'gpu' \(did you mean 'gpus'\?\); known: cpus, gpus$"),
+    ("sampler:\n  name: tpe\n  options: [1]\n", r"line 6: sampler.options: must be a mapping of sampler arguments, "
+                                               r"got \[1\]$"),
+    ("trials: '5'\n", r"line 4: trials: must be an integer, got '5'$"),
+    ("trials: 2.5\n", r"line 4: trials: must be an integer, got 2.5$"),
+    ("concurrency: 0\n", r"line 4: concurrency: must be >= 1, got 0$"),
+    ("resources: {cpus: .inf}\n", r"line 4: resources.cpus: must be a finite number, got inf$"),
+    ("objective: {mode: best}\n", r"line 4: objective.mode: must be 'max' or 'min', got 'best'$"),
+    ("sampler: 3\n", r"line 4: sampler: must be a mapping of name, seed, options, got 3$"),
+], ids=["section key", "resources key", "options type", "string for int", "float for int", "bound", "not finite",
+        "literal", "section type"])
+def test_shape_errors_name_the_line_the_key_path_and_the_value(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_space(tmp_path, ONE_PARAMETER + text)
+    with pytest.raises(UserError, match=rf"^{re.escape(str(path))} {expected}"):
+        search_space.load_space(str(path))
+
+
+@pytest.mark.parametrize("text,expected", [
+    (ONE_PARAMETER + "scheduler: {name: asha, epochs: true}\n",
+     r"line 4: scheduler.epochs: must be an integer, got True"),
+    (ONE_PARAMETER + "resources: {cpus: true}\n", r"line 4: resources.cpus: must be a number, got True"),
+    (ONE_PARAMETER + "seeds: false\n", r"line 4: seeds: must be an integer, got False"),
+    ("parameters:\n  lam: {low: true, high: 2}\n", r"line 2: parameters.lam.low: must be a number, got True"),
+], ids=["epochs", "cpus", "seeds", "low"])
+def test_bools_are_not_numbers(tmp_path: Path, text: str, expected: str) -> None:
+    path = write_space(tmp_path, text)
+    with pytest.raises(UserError, match=expected):
+        search_space.load_space(str(path))
+
+
+def test_null_means_the_default_and_a_list_is_not_a_space(tmp_path: Path) -> None:
+    space = search_space.load_space(str(write_space(tmp_path, ONE_PARAMETER + "sampler:\ntrials:\nfixed:\n")))
+    assert (space.sampler, space.trials) == ("tpe", 10)
+    with pytest.raises(UserError, match=r"space.yaml: must be a mapping of description, preset, fixed, .*, got \[1\]"):
+        search_space.load_space(str(write_space(tmp_path, "- 1\n")))
+    with pytest.raises(UserError, match=r"space.yaml: missing 'parameters'$"):
+        search_space.load_space(str(write_space(tmp_path, "preset: paper\n")))
+
+
 @pytest.mark.parametrize("option,expected", [
     (["--tracking-uri", "http://127.0.0.1:9"], r"tracking server http://127.0.0.1:9 is unreachable"),
     (["--storage", "postgresql://agch:secret@127.0.0.1:9/optuna"],
