@@ -134,6 +134,17 @@ class Dataset:
         return self._file[modality]
 
 
+_SCANNED: set[tuple] = set()
+"""Versions (_file_version) of the files whose feature blocks this process has checked already: a search's trials
+reopen the same file in one reused worker, and the driver reopens it for the protocol, references and the test."""
+
+
+def _file_version(path: Path) -> tuple:
+    """What changes whenever the file is rewritten (write_dataset replaces the file: a new inode and mtime)."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def open_dataset(path: str | os.PathLike) -> Dataset:
     """Open and validate a dataset file; every problem raises DatasetError(path, key, what was found/expected).
 
@@ -160,10 +171,13 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
         labels = file["labels"][()]
         _check_block(path, "labels", labels, 0)
         split = _check_split(path, Split(*(file[f"split/{part}"][()] for part in SPLIT_PARTS)), n)
-        for key in MODALITIES:
-            step = _block_rows(file[key].shape[1], file[key].dtype)
-            for start in range(0, n, step):
-                _check_block(path, key, file[key][start:start + step], start)
+        version = _file_version(path)
+        if version not in _SCANNED:  # the features' block scan reads the whole file: once per file version
+            for key in MODALITIES:
+                step = _block_rows(file[key].shape[1], file[key].dtype)
+                for start in range(0, n, step):
+                    _check_block(path, key, file[key][start:start + step], start)
+            _SCANNED.add(version)
         return Dataset(path, file, meta, labels, split)
     except BaseException:
         file.close()

@@ -220,6 +220,24 @@ def test_every_validation_failure_names_file_and_key(copy, case):
     assert str(copy) in str(err.value) and fragment in str(err.value)
 
 
+def test_feature_scan_runs_once_per_file_version(copy, monkeypatch):
+    import agch.data
+
+    scanned = []
+    check = agch.data._check_block
+    monkeypatch.setattr(agch.data, "_check_block", lambda path, key, *a: (scanned.append(key), check(path, key, *a)))
+    open_dataset(copy).close()
+    first = len(scanned)
+    assert {"image", "text"} <= set(scanned)
+    open_dataset(copy).close()  # unchanged: only the labels are checked again, not the feature blocks
+    assert scanned[first:] == ["labels"]
+    corrupt, key, fragment = CORRUPTIONS["inf text"]
+    with h5py.File(copy, "r+") as f:  # rewritten in place: a new version, scanned again
+        corrupt(f)
+    with pytest.raises(DatasetError, match=fragment.replace("[", r"\[")):
+        open_dataset(copy)
+
+
 def test_not_a_dataset_file(tmp_path):
     with pytest.raises(DatasetError, match="no such file"):
         open_dataset(tmp_path / "absent.h5")
