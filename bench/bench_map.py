@@ -7,6 +7,9 @@ real NUS-WIDE labels here). Off the CPU the result is also checked against the C
 Run from the repository root:
 
     python bench/bench_map.py [--device cuda] [--size nuswide] [--repeats 3] [--threads 1] [--no-oracle]
+
+--n-queries and --n-database shrink the problem for a smoke run (bench/gpu_check.sh --cpu-smoke): random labels of
+the size's label count over that many pairs.
 """
 
 from __future__ import annotations
@@ -37,9 +40,12 @@ def random_labels(n: int, n_labels: int, seed: int) -> np.ndarray:
     return labels
 
 
-def load_labels(size: str, data_dir: Path, seed: int) -> tuple[np.ndarray, str]:
-    """Labels of the size's shape: the real MIRFlickr-25K LAll where available, else random multi-hot ones."""
+def load_labels(size: str, data_dir: Path, seed: int, n_pairs: int | None = None) -> tuple[np.ndarray, str]:
+    """Labels of the size's shape: the real MIRFlickr-25K LAll where available, else random multi-hot ones (always
+    random when `n_pairs` overrides the size's number of pairs)."""
     n, n_labels = SIZES[size]
+    if n_pairs is not None:
+        return random_labels(n_pairs, n_labels, seed), f"SYNTHETIC random multi-hot labels over {n_labels} concepts"
     path = data_dir / "mirflickr25k-lall.mat"
     if size == "mirflickr" and path.exists():
         import scipy.io
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seeds the split and the random codes")
     parser.add_argument("--data-dir", type=Path, default=REPO_ROOT.parent / "shared" / "data")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--n-queries", type=int, default=N_QUERIES, help=f"queries (default {N_QUERIES})")
+    parser.add_argument("--n-database", type=int, default=None,
+                        help="database items (default: the size's; set: random labels, for a smoke run)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,15 +89,17 @@ def main(argv: list[str] | None = None) -> None:
     from tests.map_oracle import oracle_map, oracle_relevance
 
     device = torch.device(args.device)
-    labels, label_source = load_labels(args.size, args.data_dir, args.seed)
-    split = make_split("standard", len(labels), seed=args.seed, n_query=N_QUERIES)
+    n_pairs = None if args.n_database is None else args.n_queries + args.n_database
+    labels, label_source = load_labels(args.size, args.data_dir, args.seed, n_pairs)
+    split = make_split("standard", len(labels), seed=args.seed, n_query=args.n_queries,
+                       n_train=min(5000, len(labels) - args.n_queries))  # (the training rows are not used here)
     query_labels, db_labels = labels[split.query], labels[split.retrieval]
     rng = np.random.default_rng(args.seed)
-    query_codes = rng.choice(np.array([-1, 1], dtype=np.int8), (N_QUERIES, args.bits))
+    query_codes = rng.choice(np.array([-1, 1], dtype=np.int8), (args.n_queries, args.bits))
     db_codes = rng.choice(np.array([-1, 1], dtype=np.int8), (len(db_labels), args.bits))
     tensors = [torch.from_numpy(a).to(device) for a in (query_codes, db_codes, query_labels, db_labels)]
     protocol = (f"I->T-style {args.bits} bits, random +-1 codes, {label_source}, "
-                f"standard split (seed {args.seed}) {N_QUERIES} queries x {len(db_labels)} database")
+                f"standard split (seed {args.seed}) {args.n_queries} queries x {len(db_labels)} database")
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:

@@ -1,11 +1,15 @@
 """Training throughput at MIRFlickr size against this machine's measured matmul throughput (a script, not a test).
 
-    python bench/bench_train.py [--device cpu|cuda] [--batch-sizes 32 128] [--epochs 2] [--threads N]
+    python bench/bench_train.py [--device cpu|cuda] [--batch-sizes 32 128] [--epochs 2] [--threads N] [--bf16]
+                                [--n-train 5000]
 
 Builds a random feature file of MIRFlickr-25K's shape (5,000 train pairs, 4096-d image, 1386-d binary text,
 24 labels; a small query/retrieval set, since evaluation is benchmarked by bench_map.py), trains the paper preset
 at 64 bits, and prints seconds per epoch and achieved GFLOP/s (FLOPs counted by torch's FlopCounterMode on one
-training step) as a fraction of torch's own dense matmul throughput measured in the same run.
+training step) as a fraction of torch's own dense matmul throughput measured in the same run. On CUDA it measures
+an fp32 and a bf16 matmul baseline, reports the share against the one matching the run's precision (--bf16: the
+trainer's bf16 autocast, config.bf16) and prints the peak GPU memory allocated by each run. --n-train shrinks the
+training set for a quick smoke run (bench/gpu_check.sh --cpu-smoke); the default is MIRFlickr size.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from agch.splits import make_split
 from agch.train import resolve_device, train
 
 
-def matmul_gflops(device: torch.device, n: int = 4096, m: int = 128, repeats: int = 20) -> float:
-    """Best-of-repeats throughput of an (m x n) @ (n x n) fp32 matmul, the shape of the model's big layers."""
-    a, b = torch.randn(m, n, device=device), torch.randn(n, n, device=device)
+def matmul_gflops(device: torch.device, n: int = 4096, m: int = 128, repeats: int = 20,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-repeats throughput of an (m x n) @ (n x n) matmul in `dtype`, the shape of the model's big layers."""
+    a, b = torch.randn(m, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
@@ -79,28 +84,49 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs timed per batch size (best one reported)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); 1 gives stable figures on a loaded machine")
+    parser.add_argument("--n-train", type=int, default=5000,
+                        help="training pairs (default 5000, MIRFlickr size; small values for a smoke run)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="train with bf16 autocast (config.bf16; CUDA only, ignored on CPU)")
     args = parser.parse_args()
+    # as the agch commands do at start-up: the trainer asks for deterministic cuBLAS, which must be set before the
+    # baselines below create the cuBLAS handle, so that the timed runs are the ones a search would make
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    print(f"device: {device}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
-          f"load average {os.getloadavg()[0]:.1f}")
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if cuda else f"threads {torch.get_num_threads()}"
+    print(f"device: {device} ({where})  torch {torch.__version__}  load average {os.getloadavg()[0]:.1f}")
     peak = matmul_gflops(device)
     print(f"baseline: torch fp32 matmul 128x4096 @ 4096x4096: {peak:.1f} GFLOP/s (measured now)")
+    precision = "fp32"
+    if cuda:
+        peak_bf16 = matmul_gflops(device, dtype=torch.bfloat16)
+        print(f"baseline: torch bf16 matmul 128x4096 @ 4096x4096: {peak_bf16:.1f} GFLOP/s (measured now)")
+        if args.bf16:
+            peak, precision = peak_bf16, "bf16"
+    elif args.bf16:
+        print("--bf16 ignored: bf16 autocast is CUDA only (config.bf16)")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.h5"
-        make_file(path)
+        make_file(path, n_train=args.n_train)
         with open_dataset(path) as data:
             for bs in args.batch_sizes:
                 config = apply(preset("paper"), {"bits": 64, "batch_size": bs, "epochs": args.epochs,
-                                                 "eval_every": 10_000})
+                                                 "eval_every": 10_000, "bf16": args.bf16})
                 flops = step_flops(config, data.image_dim, data.text_dim, device)
                 steps = len(data.split.train) // bs
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
                 result = train(config, data, device=str(device))
                 epoch_s = min(row["seconds"] for row in result.history)
                 achieved = flops * steps / epoch_s / 1e9
-                print(f"batch {bs:4d}: {epoch_s:6.2f} s/epoch over {len(data.split.train)} pairs, "
-                      f"{flops / 1e9:.2f} GFLOP/step, {achieved:6.1f} GFLOP/s = {achieved / peak:.0%} of matmul peak")
+                memory = (f", GPU peak allocated {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB"
+                          if cuda else "")
+                print(f"batch {bs:4d} {precision}: {epoch_s:6.2f} s/epoch over {len(data.split.train)} pairs, "
+                      f"{flops / 1e9:.2f} GFLOP/step, {achieved:6.1f} GFLOP/s = {achieved / peak:.0%} of the "
+                      f"{precision} matmul baseline{memory}")
 
 
 if __name__ == "__main__":
