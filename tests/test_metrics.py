@@ -3,17 +3,14 @@ of docs/protocol.md on the real MIRFlickr-25K labels."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA
-from agch import metrics as metrics_module
+from agch import ranking
 from agch.errors import UserError
 from agch.metrics import (
     RetrievalMetrics,
-    _HammingDistances,
     evaluate_hashing,
     hamming_distance,
     map_at_k,
@@ -21,6 +18,7 @@ from agch.metrics import (
     relevance,
 )
 from agch.splits import make_split
+from tests.conftest import SHARED_DATA
 from tests.map_oracle import (
     oracle_hamming,
     oracle_map,
@@ -39,9 +37,9 @@ def engine(request, monkeypatch) -> str:
     """evaluate_hashing on CPU by the compiled kernel (agch.rank_kernel, the default) or by the torch sort path (what
     runs on CUDA, and on CPU where numba is missing)."""
     if request.param == "torch":
-        monkeypatch.setattr(metrics_module, "_cpu_kernel", lambda: None)
+        monkeypatch.setattr(ranking, "cpu_kernel", lambda: None)
     else:
-        assert metrics_module._cpu_kernel() is not None, "numba is a dependency: the CPU kernel must load"
+        assert ranking.cpu_kernel() is not None, "numba is a dependency: the CPU kernel must load"
     return request.param
 
 
@@ -209,7 +207,7 @@ def test_hamming_distance_paths_match_oracle(bits, popcount):
     query_codes, db_codes = random_codes(rng, 13, bits), random_codes(rng, 29, bits)
     expected = oracle_hamming(query_codes, db_codes)
     codes = torch.from_numpy(query_codes).float(), torch.from_numpy(db_codes).float()
-    dist = _HammingDistances(*codes, bits, torch.int32, popcount=popcount)(slice(None))
+    dist = ranking.HammingDistances(*codes, bits, torch.int32, popcount=popcount)(slice(None))
     np.testing.assert_array_equal(dist.numpy(), expected)
     public = hamming_distance(torch.from_numpy(query_codes), torch.from_numpy(db_codes))
     assert public.dtype == torch.int32
