@@ -170,15 +170,18 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                                   "ray.node_id": ray.get_runtime_context().get_node_id()})
 
         def on_epoch(report: Any) -> str | None:
-            tracker.log_metrics(run_id, {f"loss_{k}": v for k, v in report.losses.items()}, report.epoch)
-            tracker.log_metrics(run_id, {"epoch": report.epoch, "epoch_seconds": report.seconds}, report.epoch)
-            if report.epoch >= config.epochs:
+            # one write per epoch: the losses, the epoch's time and, on the last epoch, not yet the metrics
+            # (log_result records the final ones with the run)
+            last = report.epoch >= config.epochs
+            tracker.log_metrics(run_id, {**{f"loss_{k}": v for k, v in report.losses.items()}, "epoch": report.epoch,
+                                         "epoch_seconds": report.seconds, **({} if last else report.metrics or {})},
+                                report.epoch)
+            if last:
                 return None  # the last epoch is reported after the run is complete (a scheduler may stop it at once)
             result = {"epoch": report.epoch, "loss": report.losses["total"]}
             if not report.metrics:
                 tune.report(result)
                 return None
-            tracker.log_metrics(run_id, report.metrics, report.epoch)
             if context.stop_on_collapse and report.metrics.get("collapsed"):
                 return f"stopped after epoch {report.epoch}: codes collapsed (fewer than 5% unique)"
             with tempfile.TemporaryDirectory() as folder:
