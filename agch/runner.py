@@ -86,10 +86,6 @@ def start_ray(address: str | None = None, resources: dict[str, float] | None = N
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # Epochs between evaluations report no mAP; Tune would otherwise end the search at the first one.
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-        # Ray runs its workers at nice 15 under its own processes; a trial's parallel torch regions then stall
-        # whenever the driver or the raylet wakes (training was ~10% slower inside a trial than in a plain loop on
-        # 2 cores, docs/search.md). The trials are the work: a Ray started here runs them at normal priority.
-        os.environ.setdefault("RAY_worker_niceness", "0")
         # Trials on other nodes do not share the driver's environment: pass on MLflow's client settings
         # (credentials, retries), the tracking wait and the deterministic cuBLAS workspace.
         passed = {k: v for k, v in os.environ.items()
