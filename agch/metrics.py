@@ -35,6 +35,8 @@ DEFAULT_MAX_CHUNK_ELEMS = 2**25
 # Peak memory per (query, database item) pair of a chunk, in bytes: int64 sort key, relevance, float32 ranked
 # relevance and hit counts, float64 precision terms (not all alive at once).
 BYTES_PER_CHUNK_ELEM = 30
+
+
 @dataclass
 class RetrievalMetrics:
     """Metrics of one retrieval direction (e.g. image queries against a text database).

@@ -121,12 +121,13 @@ def main(argv: list[str] | None = None) -> None:
         rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         peak = f"peak resident memory +{rss_after - rss_before:.0f} MiB over the inputs"
     t_50, m_50 = best_time(run((50,), **metrics_only), args.repeats)
-    t_full, m_full = best_time(run((50, None)), args.repeats)
+    t_full, _ = best_time(run((50, None)), args.repeats)
 
     print(f"mAP@ALL {m_all.map['map@all']:.4f} evaluate_hashing on {device}; {protocol}")
     if device.type != "cpu":
         on_cpu = evaluate_hashing(*(t.cpu() for t in tensors), ks=(None,), **metrics_only).map["map@all"]
-        print(f"mAP@ALL {on_cpu:.4f} evaluate_hashing on cpu (|diff| {abs(m_all.map['map@all'] - on_cpu):.1e})")
+        print(f"mAP@ALL {on_cpu:.4f} evaluate_hashing on cpu (|diff| {abs(m_all.map['map@all'] - on_cpu):.1e}); "
+              f"{protocol}")
     print(f"mAP@50  {m_50.map['map@50']:.4f} evaluate_hashing; {protocol}")
     print(f"time mAP@ALL: evaluate_hashing {t_all * 1e3:.0f} ms ({peak})")
     if args.oracle:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
         oracle_repeats = max(1, min(args.repeats, 2))
         t_oracle, map_oracle = best_time(oracle, oracle_repeats)
-        print(f"mAP@ALL {map_oracle:.4f} oracle (|diff| {abs(m_all.map['map@all'] - map_oracle):.1e})")
+        print(f"mAP@ALL {map_oracle:.4f} oracle (|diff| {abs(m_all.map['map@all'] - map_oracle):.1e}); {protocol}")
         print(f"time mAP@ALL: oracle {t_oracle * 1e3:.0f} ms (best of {oracle_repeats}), "
               f"speed-up {t_oracle / t_all:.1f}x")
     print(f"time mAP@50:  evaluate_hashing {t_50 * 1e3:.0f} ms")
