@@ -23,7 +23,7 @@ from ray.tune import Callback
 
 from agch.errors import UserError
 from agch.tracking import TRACKING_WAIT_S, RetryingTracker
-from agch.trial import FINAL, RunContext, run_trial, end_trial_run, trial_slot
+from agch.trial import CHECKPOINT_ENV, FINAL, RunContext, checkpoint_period, end_trial_run, run_trial, trial_slot
 
 STATES = ("finished", "failed", "stopped", "interrupted")
 """TrialOutcome.status: stopped = early-stopped by the scheduler; interrupted = the search ended first (Ctrl-C, time
@@ -78,6 +78,7 @@ def start_ray(address: str | None = None, resources: dict[str, float] | None = N
     import ray
 
     started = False
+    checkpoint_period()  # a bad $AGCH_CHECKPOINT_EVERY_S is refused before any trial starts
     if not ray.is_initialized():
         level = logging.INFO if verbose else logging.ERROR
         # Ray reads these when the driver starts Tune; trials log to MLflow, so Tune's own loggers are off.
@@ -87,9 +88,9 @@ def start_ray(address: str | None = None, resources: dict[str, float] | None = N
         # Epochs between evaluations report no mAP; Tune would otherwise end the search at the first one.
         os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
         # Trials on other nodes do not share the driver's environment: pass on MLflow's client settings
-        # (credentials, retries), the tracking wait and the deterministic cuBLAS workspace.
+        # (credentials, retries), the tracking wait, the checkpoint period and the deterministic cuBLAS workspace.
         passed = {k: v for k, v in os.environ.items()
-                  if k.startswith("MLFLOW_") or k in (TRACKING_WAIT_S, "CUBLAS_WORKSPACE_CONFIG")}
+                  if k.startswith("MLFLOW_") or k in (TRACKING_WAIT_S, CHECKPOINT_ENV, "CUBLAS_WORKSPACE_CONFIG")}
         options = {"log_to_driver": verbose, "logging_level": level,
                    **({"runtime_env": {"env_vars": passed}} if passed else {})}
         try:

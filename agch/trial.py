@@ -10,12 +10,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agch import config as cfg
+from agch.errors import UserError
 from agch.tracking import RetryingTracker
 
 SEED_OFFSET = "seed_offset"
@@ -27,6 +30,8 @@ TRIAL_NUMBER = "trial_number"
 number). Like SEED_OFFSET it is not a config key."""
 FINAL = "agch_final"
 """Result key set (to 1) only on a trial's last report, after its MLflow run is complete."""
+CHECKPOINT_ENV = "AGCH_CHECKPOINT_EVERY_S"
+"""Environment variable: seconds between a trial's checkpoints (checkpoint_period)."""
 SYMBOLS = {"delta": "δ", "gamma_v": "γv", "gamma_t": "γt", "lam": "λ", "alpha": "α", "beta": "β", "rho": "ρ"}
 """The paper's symbols, for run names."""
 
@@ -59,6 +64,24 @@ class RunContext:
     stop_on_collapse: bool = False
     """end a trial at its first evaluation whose codes collapsed, with that evaluation as its result (agch-search;
     an ablation trains every run to its budget)."""
+
+
+def checkpoint_period() -> float:
+    """How often a trial checkpoints its trainer at an evaluation, at most: $AGCH_CHECKPOINT_EVERY_S seconds of its
+    wall time (default 30; 0: at every evaluation).
+
+    A trial that Tune restarts redoes at most this much training, and every checkpoint costs a copy of the model and
+    Adam state (docs/search.md). ASHA, the only scheduler, stops trials and never pauses them, so it needs none.
+    """
+    raw = os.environ.get(CHECKPOINT_ENV, "30")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 <= seconds < float("inf"):
+        raise UserError(f"{CHECKPOINT_ENV} must be a number of seconds >= 0 (0: checkpoint at every evaluation), "
+                        f"got {raw!r}")
+    return seconds
 
 
 def settings_key(settings: dict[str, Any]) -> str:
@@ -169,6 +192,9 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                                   "agch.trial_id": trial_id,
                                   "ray.node_id": ray.get_runtime_context().get_node_id()})
 
+        period = checkpoint_period()
+        next_checkpoint = [time.monotonic() + period]  # the first after that much training
+
         def on_epoch(report: Any) -> str | None:
             # one write per epoch: the losses, the epoch's time and, on the last epoch, not yet the metrics
             # (log_result records the final ones with the run)
@@ -184,9 +210,13 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                 return None
             if context.stop_on_collapse and report.metrics.get("collapsed"):
                 return f"stopped after epoch {report.epoch}: codes collapsed (fewer than 5% unique)"
+            if time.monotonic() < next_checkpoint[0]:
+                tune.report({**result, **report.metrics})
+                return None
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(report.state(), Path(folder) / "state.pt")
                 tune.report({**result, **report.metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
+            next_checkpoint[0] = time.monotonic() + period
             return None
 
         try:

@@ -120,6 +120,8 @@ def test_grid_trials_record_one_run_each_and_a_failure_does_not_stop_the_rest(ra
     assert {r.info.status for r in runs.values()} == {"FINISHED", "FAILED"}
     assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs.values())
     assert len({frozenset(r.data.params) for r in runs.values()}) == 1  # the same param names in every trial
+    # trials of a few seconds end before their first checkpoint is due (trial.checkpoint_period, 30 s)
+    assert not list((tmp_path / "tune" / "grid").glob("*/checkpoint_*"))
 
 
 def test_an_error_met_while_the_tracking_server_is_down_says_how_to_continue() -> None:
@@ -142,6 +144,19 @@ def test_tracking_wait_is_read_from_the_environment_and_checked(monkeypatch) -> 
     monkeypatch.setenv(tracking.TRACKING_WAIT_S, "ten minutes")
     with pytest.raises(UserError, match="AGCH_TRACKING_WAIT_S must be a number of seconds, got 'ten minutes'"):
         tracking.tracking_wait_s()
+
+
+def test_checkpoint_period_is_read_from_the_environment_and_checked(monkeypatch) -> None:
+    monkeypatch.delenv(trial.CHECKPOINT_ENV, raising=False)
+    assert trial.checkpoint_period() == 30
+    monkeypatch.setenv(trial.CHECKPOINT_ENV, "0")
+    assert trial.checkpoint_period() == 0
+    for bad in ("-1", "soon", "inf", "nan"):
+        monkeypatch.setenv(trial.CHECKPOINT_ENV, bad)
+        with pytest.raises(UserError, match=rf"AGCH_CHECKPOINT_EVERY_S must be a number of seconds >= 0 .*got '{bad}'"):
+            trial.checkpoint_period()
+        with pytest.raises(UserError, match="AGCH_CHECKPOINT_EVERY_S"):  # refused before Ray starts
+            runner.start_ray()
 
 
 def test_a_check_before_starting_does_not_wait_for_an_unreachable_server(monkeypatch) -> None:
