@@ -1,14 +1,18 @@
 """Overhead of agch-search: N trials through the full service vs the same training work in a plain loop.
 
 The search side is the real command (a subprocess: Ray start-up, MLflow and Optuna stores, checkpoints, the console,
-plots) over a grid of N δ values, one trial at a time with every core. A search also trains its chosen settings once
-more and scores them on the test queries, so the loop does the same: it opens the dataset once, calls
-agch.train.train for the N configs, then once more for the best of them with eval_split=test, without tracking.
+plots) over a grid of N δ values (0.01 to 10, log-spaced), one trial at a time with every core, every trial trained
+to its budget (no stop at collapsed codes). A search also trains its chosen settings once more and scores them on
+the test queries, so the loop does the same: it opens the dataset once, calls agch.train.train for the N configs,
+then once more for the best of them with eval_split=test, without tracking.
 The random/CCA+ITQ references a search shows beside its trials are cached per dataset (agch.baselines); they are
 computed before the timing starts, as for every search after a dataset's first.
 
-    python bench/bench_search.py --trials 4 --epochs 8             # trials of ~30 s on 2 cores
+    python bench/bench_search.py --trials 8 --epochs 6             # trials of ~30 s on 2 cores
     python bench/bench_search.py --data tiny.h5 --set text_hidden=64 --set gcn_hidden=64
+
+The loop runs before the search and again after it, and the ratio is taken against their mean: this machine's
+speed drifts by tens of percent over minutes, and a loop on one side only puts that drift into the ratio.
 
 Prints both wall times and their ratio (search / loop), and splits the search's time outside train() into the
 fixed start-up (command start to the first trial's MLflow run), the cost per trial (a trial run's wall time minus
@@ -39,6 +43,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="dataset (default: the bundled synthetic one)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"config override on top of {NETWORKS}")
+    parser.add_argument("--no-loop-after", dest="loop_after", action="store_false",
+                        help="run the plain loop only before the search, not before and after it (the ratio is "
+                             "then taken against one loop, and a drift of the machine's speed goes into it)")
     args = parser.parse_args()
 
     from agch import config as cfg
@@ -50,18 +57,23 @@ def main() -> None:
     from agch.train import train
 
     fixed = {**NETWORKS, **parse_pairs(args.overrides, "--set"), "eval_every": 1}
-    deltas = [round(0.01 * 3 ** i, 6) for i in range(args.trials)]
+    # δ from 0.01 to 10, evenly on a log scale: every trial trains to its budget on both sides (the search's
+    # trials do not stop at collapsed codes here, as the loop's do not)
+    deltas = [round(0.01 * 1000 ** (i / max(args.trials - 1, 1)), 6) for i in range(args.trials)]
     dataset = (args.data or default_dataset()).resolve()
     cpus = os.cpu_count() or 1
     base = cfg.apply(cfg.preset("paper"), {**fixed, **cfg.SELECTION_DEFAULTS, "epochs": args.epochs})
 
-    started = time.perf_counter()
-    with open_dataset(dataset) as data:
-        results = [train(cfg.apply(base, {"delta": d}), data, device="cpu") for d in deltas]
-        best = max(zip(deltas, results), key=lambda pair: pair[1].metrics.get(OBJECTIVE, float("-inf")))[0]
-        test = train(cfg.apply(base, {"delta": best, "eval_split": "test"}), data, device="cpu")
-    loop = time.perf_counter() - started
-    loop_inside = sum(r.seconds for r in results) + test.seconds
+    def plain_loop() -> tuple[float, list, float]:
+        """Wall time, the N results and the time inside train() of the loop."""
+        started = time.perf_counter()
+        with open_dataset(dataset) as data:
+            results = [train(cfg.apply(base, {"delta": d}), data, device="cpu") for d in deltas]
+            best = max(zip(deltas, results), key=lambda pair: pair[1].metrics.get(OBJECTIVE, float("-inf")))[0]
+            test = train(cfg.apply(base, {"delta": best, "eval_split": "test"}), data, device="cpu")
+        return time.perf_counter() - started, results, sum(r.seconds for r in results) + test.seconds
+
+    loop_before, results, inside_before = plain_loop()
 
     with tempfile.TemporaryDirectory() as home:
         os.environ["AGCH_HOME"] = home
@@ -70,7 +82,8 @@ def main() -> None:
         space = Path(home) / "bench.yaml"
         space.write_text(yaml.safe_dump({
             "preset": "paper", "fixed": fixed, "parameters": {"delta": {"type": "categorical", "choices": deltas}},
-            "sampler": {"name": "grid", "seed": 0}, "scheduler": {"name": "none", "epochs": args.epochs},
+            "sampler": {"name": "grid", "seed": 0},
+            "scheduler": {"name": "none", "epochs": args.epochs, "stop_on_collapse": False},
             "trials": args.trials, "concurrency": 1, "resources": {"cpus": cpus}}))
         command = [sys.executable, "-m", "agch.cli.search", "run", str(space), "--data", str(dataset),
                    "--name", "bench", "--device", "cpu"]
@@ -83,6 +96,8 @@ def main() -> None:
                                           order_by=["attributes.start_time ASC"])
         trials = [r for r in runs if not r.data.tags.get("agch.group", "").endswith(".test")]
         tests = [r for r in runs if r.data.tags.get("agch.group", "").endswith(".test")]
+    loop_after, _, inside_after = plain_loop() if args.loop_after else (loop_before, None, inside_before)
+    loop = (loop_before + loop_after) / 2
 
     def wall(run) -> float:
         return (run.info.end_time - run.info.start_time) / 1000
@@ -92,7 +107,11 @@ def main() -> None:
     print(f"dataset {dataset.name}, {args.trials} trials x {args.epochs} epochs + the test run, {cpus} CPU threads, "
           f"mean trial {sum(r.seconds for r in results) / len(results):.1f} s (train() alone in the loop); "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"plain loop:  {loop:.1f} s ({loop_inside:.1f} s inside train())")
+    if args.loop_after:
+        print(f"plain loop:  {loop:.1f} s, the mean of {loop_before:.1f} s before the search and {loop_after:.1f} s "
+              f"after it ({inside_before:.1f} and {inside_after:.1f} s inside train())")
+    else:
+        print(f"plain loop:  {loop:.1f} s ({inside_before:.1f} s inside train())")
     print(f"agch-search: {searched:.1f} s ({inside:.1f} s inside train(), {searched - inside:.1f} s outside)")
     print(f"  fixed start-up (command start to the first trial's run): "
           f"{(trials[0].info.start_time - started_ms) / 1000:.1f} s")
@@ -103,7 +122,9 @@ def main() -> None:
               f"{(tests[0].info.start_time - trials[-1].info.end_time) / 1000:.1f} s; test run outside train(): "
               f"{wall(tests[0]) - tests[0].data.metrics['train_seconds']:.2f} s; finish (its end to exit): "
               f"{(ended_ms - tests[-1].info.end_time) / 1000:.1f} s")
-    print(f"ratio search / loop: {searched / loop:.3f}")
+    print(f"ratio search / loop: {searched / loop:.3f}" + (
+        f" (against the loop before: {searched / loop_before:.3f}, after: {searched / loop_after:.3f})"
+        if args.loop_after else ""))
 
 
 if __name__ == "__main__":
