@@ -193,9 +193,10 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                                   "ray.node_id": ray.get_runtime_context().get_node_id()})
 
         period = checkpoint_period()
-        next_checkpoint = [time.monotonic() + period]  # the first after that much training
+        next_checkpoint = time.monotonic() + period  # the first after that much training
 
         def on_epoch(report: Any) -> str | None:
+            nonlocal next_checkpoint
             # one write per epoch: the losses, the epoch's time and, on the last epoch, not yet the metrics
             # (log_result records the final ones with the run)
             last = report.epoch >= config.epochs
@@ -210,13 +211,13 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                 return None
             if context.stop_on_collapse and report.metrics.get("collapsed"):
                 return f"stopped after epoch {report.epoch}: codes collapsed (fewer than 5% unique)"
-            if time.monotonic() < next_checkpoint[0]:
+            if time.monotonic() < next_checkpoint:
                 tune.report({**result, **report.metrics})
                 return None
             with tempfile.TemporaryDirectory() as folder:
                 torch.save(report.state(), Path(folder) / "state.pt")
                 tune.report({**result, **report.metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
-            next_checkpoint[0] = time.monotonic() + period
+            next_checkpoint = time.monotonic() + period
             return None
 
         try:
