@@ -32,6 +32,11 @@ budget, a killed driver): a resume continues it. A run tagged 'lost' belongs to 
 # killed right after a trial finished still knows on resume that it finished.
 EXPERIMENT_SAVE_PERIOD_S = "1"
 
+LOCAL_RAY = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+"""System settings of the private local Ray: no idle workers started ahead. Trials run in actors, which get their own
+processes, so the prestarted ones only took CPU from the start-up and, polling, ~1% of a core each while trials ran
+(docs/search.md, "Overhead of the service")."""
+
 MAX_RETRIES = 2
 """On a cluster (--ray-address), times Tune restarts a trial whose worker died (node lost, OOM), from its last
 checkpoint and into its own MLflow run; a trial that failed on its own (NaN loss, collapse) replays its recorded
@@ -97,7 +102,7 @@ def start_ray(address: str | None = None, resources: dict[str, float] | None = N
             if address:
                 ray.init(address=address, **options)
             else:  # "local" never attaches to a cluster someone else started on this machine
-                ray.init(address="local", include_dashboard=False, **options)
+                ray.init(address="local", include_dashboard=False, _system_config=LOCAL_RAY, **options)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise UserError(f"cannot reach the Ray cluster at {address}: {err}") from None
         started = True

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,9 +270,13 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
         # the chosen settings, trained and scored as the final test run is: on the test queries
         config_yaml = {"preset": space.preset, **cfg.to_flat(trial_config(ctx, chosen.params)), "eval_split": "test"}
         files.update({"best_trial.json": json.dumps(best, indent=2, default=str), "best_config.yaml": config_yaml})
-    if found is not None and best is not None and not interrupted and space.base["eval_split"] == "validation":
-        state["test"], state["test_protocol"] = _test_best(state, chosen.params)
-        interrupted = state["test"] is None and state["test_protocol"] is None
+    with ThreadPoolExecutor(max_workers=1) as background:
+        # Optuna's plots need only the finished study: drawn while the test run starts and trains (its new
+        # process imports on one core while the driver waits)
+        plotted = background.submit(_plots, study, space, [p.name for p in space.parameters]) if found is not None else None
+        if found is not None and best is not None and not interrupted and space.base["eval_split"] == "validation":
+            state["test"], state["test_protocol"] = _test_best(state, chosen.params)
+            interrupted = state["test"] is None and state["test_protocol"] is None
     report = SearchReport(name=name, interrupted=interrupted, outcomes=trials, best=best, best_config=best_config,
                           protocol=state["protocol"], references=state["references"], test=state.get("test"),
                           test_protocol=state.get("test_protocol"), tracking_uri=ctx.tracking_uri,
@@ -289,7 +294,7 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
         tracker.set_tags(ctx.parent_run_id, {f"agch.best.{k}": v for k, v in chosen.params.items()})
     if study.trials:
         files["trials.csv"] = _trials_csv(study, space, trials)
-    plots, skipped = _plots(study, space, [p.name for p in space.parameters])
+    plots, skipped = plotted.result()
     files.update(plots)
     notes += skipped
     counts = {f"trials_{s}": sum(o.status == s for o in trials) for s in STATES}

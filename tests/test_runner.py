@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -122,6 +124,35 @@ def test_grid_trials_record_one_run_each_and_a_failure_does_not_stop_the_rest(ra
     assert len({frozenset(r.data.params) for r in runs.values()}) == 1  # the same param names in every trial
     # trials of a few seconds end before their first checkpoint is due (trial.checkpoint_period, 30 s)
     assert not list((tmp_path / "tune" / "grid").glob("*/checkpoint_*"))
+
+
+def test_the_local_ray_starts_no_idle_workers_ahead() -> None:
+    """runner.LOCAL_RAY: trials run in actors with processes of their own, so idle workers started with Ray would
+    only take CPU. A fresh process, because the session's Ray may have run trials (which end idle workers) already."""
+    check = """if True:
+        import os, time
+        from pathlib import Path
+        from agch import runner
+
+        def children(pids):
+            found = {}
+            for entry in Path("/proc").iterdir():
+                try:
+                    stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_text()
+                    if int(stat.rsplit(")", 1)[1].split()[1]) in pids:
+                        found[int(entry.name)] = command.split("\\0")[0]
+                except (ValueError, OSError, IndexError):
+                    continue
+            return found
+
+        runner.start_ray(None, {"cpu": 1})
+        raylets = [pid for pid, command in children({os.getpid()}).items() if command.endswith("raylet")]
+        time.sleep(3)  # prestarted workers register while Ray starts; give a slow machine time
+        print("raylets", len(raylets), "idle", sum(c.startswith("ray::IDLE") for c in children(set(raylets)).values()))
+    """
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "raylets 1 idle 0" in result.stdout, result.stdout + result.stderr[-2000:]
 
 
 def test_an_error_met_while_the_tracking_server_is_down_says_how_to_continue() -> None:
