@@ -16,7 +16,8 @@ speed drifts by tens of percent over minutes, and a loop on one side only puts t
 
 Prints both wall times and their ratio (search / loop), and splits the search's time outside train() into the
 fixed start-up (command start to the first trial's MLflow run), the cost per trial (a trial run's wall time minus
-its train() time), the gap before the test run (a second Tune run) and the finish (test run's end to exit).
+its train() time), the gap before the test run (a second Tune run) and the finish (test run's end to exit); and the
+time inside train() into the epochs' training (MLflow's epoch_seconds) and the rest (set-up, evaluations, reporting).
 """
 
 from __future__ import annotations
@@ -64,16 +65,18 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     base = cfg.apply(cfg.preset("paper"), {**fixed, **cfg.SELECTION_DEFAULTS, "epochs": args.epochs})
 
-    def plain_loop() -> tuple[float, list, float]:
-        """Wall time, the N results and the time inside train() of the loop."""
+    def plain_loop() -> tuple[float, list, float, float]:
+        """Wall time, the N results, the time inside train() and the epochs' training time of the loop."""
         started = time.perf_counter()
         with open_dataset(dataset) as data:
             results = [train(cfg.apply(base, {"delta": d}), data, device="cpu") for d in deltas]
             best = max(zip(deltas, results), key=lambda pair: pair[1].metrics.get(OBJECTIVE, float("-inf")))[0]
             test = train(cfg.apply(base, {"delta": best, "eval_split": "test"}), data, device="cpu")
-        return time.perf_counter() - started, results, sum(r.seconds for r in results) + test.seconds
+        trained = [*results, test]
+        return (time.perf_counter() - started, results, sum(r.seconds for r in trained),
+                sum(row["seconds"] for r in trained for row in r.history))
 
-    loop_before, results, inside_before = plain_loop()
+    loop_before, results, inside_before, epochs_before = plain_loop()
 
     with tempfile.TemporaryDirectory() as home:
         os.environ["AGCH_HOME"] = home
@@ -96,7 +99,9 @@ def main() -> None:
                                           order_by=["attributes.start_time ASC"])
         trials = [r for r in runs if not r.data.tags.get("agch.group", "").endswith(".test")]
         tests = [r for r in runs if r.data.tags.get("agch.group", "").endswith(".test")]
-    loop_after, _, inside_after = plain_loop() if args.loop_after else (loop_before, None, inside_before)
+        epochs = sum(m.value for r in runs for m in tracker.client.get_metric_history(r.info.run_id, "epoch_seconds"))
+    loop_after, _, inside_after, epochs_after = (plain_loop() if args.loop_after else
+                                                 (loop_before, None, inside_before, epochs_before))
     loop = (loop_before + loop_after) / 2
 
     def wall(run) -> float:
@@ -113,6 +118,9 @@ def main() -> None:
     else:
         print(f"plain loop:  {loop:.1f} s ({inside_before:.1f} s inside train())")
     print(f"agch-search: {searched:.1f} s ({inside:.1f} s inside train(), {searched - inside:.1f} s outside)")
+    print(f"  inside train(): the epochs' training {epochs:.1f} s (loop: {epochs_before:.1f} / {epochs_after:.1f} s), "
+          f"the rest (set-up, evaluations, reporting, checkpoints) {inside - epochs:.1f} s (loop: "
+          f"{inside_before - epochs_before:.1f} / {inside_after - epochs_after:.1f} s)")
     print(f"  fixed start-up (command start to the first trial's run): "
           f"{(trials[0].info.start_time - started_ms) / 1000:.1f} s")
     print(f"  per trial (run wall minus train()): mean {sum(per_trial) / len(per_trial):.2f} s "
