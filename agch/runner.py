@@ -34,7 +34,7 @@ EXPERIMENT_SAVE_PERIOD_S = "1"
 
 LOCAL_RAY = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
 """System settings of the private local Ray: no idle workers started ahead. Trials run in actors, which get their own
-processes, so the prestarted ones only took CPU from the start-up and, polling, ~1% of a core each while trials ran
+processes, so the prestarted ones only took CPU: two of them, polling, ~1.3 CPU-seconds a minute while trials ran
 (docs/search.md, "Overhead of the service")."""
 
 MAX_RETRIES = 2
