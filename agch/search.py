@@ -273,7 +273,8 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
     with ThreadPoolExecutor(max_workers=1) as background:
         # Optuna's plots need only the finished study: drawn while the test run starts and trains (its new
         # process imports on one core while the driver waits)
-        plotted = background.submit(_plots, study, space, [p.name for p in space.parameters]) if found is not None else None
+        names = [p.name for p in space.parameters]
+        plotted = background.submit(_plots, study, space, names) if found is not None else None
         if found is not None and best is not None and not interrupted and space.base["eval_split"] == "validation":
             state["test"], state["test_protocol"] = _test_best(state, chosen.params)
             interrupted = state["test"] is None and state["test_protocol"] is None
