@@ -12,7 +12,9 @@ computed before the timing starts, as for every search after a dataset's first.
     python bench/bench_search.py --data tiny.h5 --set text_hidden=64 --set gcn_hidden=64
 
 The loop runs before the search and again after it, and the ratio is taken against their mean: this machine's
-speed drifts by tens of percent over minutes, and a loop on one side only puts that drift into the ratio.
+speed drifts by tens of percent over minutes, and a loop on one side only puts that drift into the ratio. The loop
+after runs in this already warm process: it skips the ~3.5 s a fresh process spends on its first train() (torch's
+first operations, numba's kernel), which the loop before pays once and the search twice (docs/search.md).
 
 Prints both wall times and their ratio (search / loop), and splits the search's time outside train() into the
 fixed start-up (command start to the first trial's MLflow run), the cost per trial (a trial run's wall time minus
