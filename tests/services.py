@@ -131,17 +131,32 @@ class Process:
                 pass
 
 
-def session_members(sid: int) -> list[int]:
-    """Pids of the live (not zombie) processes in session `sid` (Linux /proc)."""
-    pids = []
+def _process_stats() -> dict[int, list[str]]:
+    """pid -> the fields of /proc/PID/stat after the command (state, ppid, pgrp, session, ...) of every process."""
+    stats = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            stats[int(stat.parent.name)] = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # after the command: state, ppid, pgrp, session
-            pids.append(int(stat.parent.name))
-    return pids
+    return stats
+
+
+def session_members(sid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in session `sid` (Linux /proc)."""
+    return [pid for pid, fields in _process_stats().items() if int(fields[3]) == sid and fields[0] != "Z"]
+
+
+def children(parents: set[int]) -> dict[int, str]:
+    """pid -> the first word of the command line of each process whose parent is in `parents` (Linux /proc)."""
+    found = {}
+    for pid, fields in _process_stats().items():
+        if int(fields[1]) in parents:
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0]
+            except OSError:
+                continue
+    return found
 
 
 def start_mlflow(backend_uri: str, artifacts: Path, log: Path, port: int | None = None) -> tuple[Process, str]:

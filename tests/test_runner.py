@@ -131,26 +131,16 @@ def test_the_local_ray_starts_no_idle_workers_ahead() -> None:
     only take CPU. A fresh process, because the session's Ray may have run trials (which end idle workers) already."""
     check = """if True:
         import os, time
-        from pathlib import Path
         from agch import runner
-
-        def children(pids):
-            found = {}
-            for entry in Path("/proc").iterdir():
-                try:
-                    stat, command = (entry / "stat").read_text(), (entry / "cmdline").read_text()
-                    if int(stat.rsplit(")", 1)[1].split()[1]) in pids:
-                        found[int(entry.name)] = command.split("\\0")[0]
-                except (ValueError, OSError, IndexError):
-                    continue
-            return found
+        from tests.services import children
 
         runner.start_ray(None, {"cpu": 1})
         raylets = [pid for pid, command in children({os.getpid()}).items() if command.endswith("raylet")]
         time.sleep(3)  # prestarted workers register while Ray starts; give a slow machine time
         print("raylets", len(raylets), "idle", sum(c.startswith("ray::IDLE") for c in children(set(raylets)).values()))
     """
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=False,
+                            cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "raylets 1 idle 0" in result.stdout, result.stdout + result.stderr[-2000:]
 
