@@ -20,6 +20,7 @@ def __getattr__(name: str) -> Any:
 
 def _study_search_class() -> type:
     from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.samplers import GridSampler
     from optuna.trial import Trial, TrialState
     from ray.tune.search.optuna import OptunaSearch
 
@@ -102,6 +103,11 @@ def _study_search_class() -> type:
                 self._ot_study.tell(self._ot_trials[group["primary"]], values, state=state)
             except UpdateFinishedTrialError:
                 pass
+            except RuntimeError as err:
+                # Optuna's GridSampler calls study.stop() once its grid is used up, which Optuna allows only inside
+                # Study.optimize: Tune drives this study and ends it after its trials. tell() stores the trial first.
+                if not (isinstance(self._ot_study.sampler, GridSampler) and "Study.stop" in str(err)):
+                    raise
 
         def restore(self, checkpoint_path: str) -> None:
             super().restore(checkpoint_path)

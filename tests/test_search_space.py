@@ -306,6 +306,28 @@ def test_a_collapsed_trial_is_a_measured_result_for_optuna_and_a_failed_one_is_n
     assert (fine.state, fine.value, "collapsed" in fine.user_attrs) == (optuna.trial.TrialState.COMPLETE, 0.62, False)
 
 
+def test_a_used_up_grid_ends_its_last_trials_like_the_others(tmp_path: Path) -> None:
+    """Optuna's GridSampler calls study.stop() once every grid point is out, which Optuna refuses outside
+    Study.optimize: the error reached Tune, which then recorded the search's last trials as failed."""
+    import optuna
+
+    from agch import search, study_search
+    from agch.trial import FINAL
+
+    space = search_space.load_space(str(write_space(tmp_path, "preset: paper\nsampler: {name: grid}\nparameters:\n"
+                                                              "  delta: {choices: [0.1, 1.0]}\n")))
+    searcher = study_search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
+                                        mode="max", sampler=search_space.make_sampler(space), study_name="g",
+                                        storage=search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    deltas = {searcher.suggest(trial_id)["delta"] for trial_id in ("t1", "t2")}  # two at a time: the grid is out
+    searcher.on_trial_complete("t1", {"map50_mean": 0.5, "epoch": 1, FINAL: 1})
+    searcher.on_trial_complete("t2", {"map50_mean": 0.6, "epoch": 1, FINAL: 1})
+    trials = optuna.load_study(study_name="g", storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials
+    assert deltas == {0.1, 1.0}
+    assert [(t.state, t.value) for t in trials] == [(optuna.trial.TrialState.COMPLETE, 0.5),
+                                                   (optuna.trial.TrialState.COMPLETE, 0.6)]
+
+
 def test_stop_on_collapse_is_a_scheduler_switch_on_by_default(tmp_path: Path) -> None:
     assert search_space.load_space("spaces/delta_gamma.yaml").stop_on_collapse is True
     off = search_space.load_space(str(write_space(tmp_path, "preset: paper\nparameters:\n  delta: {low: 0.1, high: 1}\n"
