@@ -169,8 +169,8 @@ def run_ablation(spec: AblationSpec, dataset: Path | None, *, tracking_uri: str 
     """
     from agch.baselines import describe_references, reference_scores
     from agch.data import open_dataset
+    from agch.protocol import describe_protocol, protocol_of
     from agch.tracking import open_tracker, run_tags
-    from agch.train import describe_protocol, protocol_of
 
     tracker = open_tracker(tracking_uri, experiment, wait=False)
     paths = {name: path.resolve() for name, path in spec.datasets} or {"": Path(dataset).resolve()}

@@ -61,7 +61,7 @@ def analyse(run: AblationRun) -> list[ComparisonResult]:
 
 def protocol_line(run: AblationRun) -> str:
     """What every mAP in the report means (docs/protocol.md)."""
-    from agch.train import describe_protocol
+    from agch.protocol import describe_protocol
 
     return (f"mAP@{run.topk} and mAP@ALL (Hamming ranking, relevance = >=1 shared label), "
             f"{describe_protocol(run.protocol)}")

@@ -19,13 +19,12 @@ import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.linalg
-import torch
 
 from agch.config import Config
 from agch.data import Dataset
-from agch.metrics import random_ranking_map
 from agch.splits import evaluation_split
+
+# scipy, torch and the metrics are imported where they are used: a search reads its cached references without them
 
 if TYPE_CHECKING:
     from agch.train import TrainResult
@@ -63,6 +62,8 @@ def _cca(cxx: np.ndarray, cyy: np.ndarray, cxy: np.ndarray, dim: int,
     if cxy.shape[1] > cxy.shape[0]:  # the eigenproblem on the smaller side
         wy, wx, corr = _cca(cyy, cxx, cxy.T, dim, ridge)
         return wx, wy, corr
+    import scipy.linalg
+
     lx = scipy.linalg.cholesky(_with_ridge(cxx, ridge), lower=True)
     ly = scipy.linalg.cholesky(_with_ridge(cyy, ridge), lower=True)
     whitened = scipy.linalg.solve_triangular(ly, scipy.linalg.solve_triangular(lx, cxy, lower=True).T,
@@ -110,7 +111,10 @@ def cca_itq(config: Config, data: Dataset) -> TrainResult:
         >>> with open_dataset(path) as data:  # doctest: +SKIP
         ...     print(cca_itq(preset("paper"), data).metrics["mapall_i2t"])
     """
-    from agch.train import TrainResult, protocol_of, score_codes
+    import torch
+
+    from agch.protocol import protocol_of
+    from agch.train import TrainResult, score_codes
 
     started = time.perf_counter()
     split = evaluation_split(data.split, config.eval_split)
@@ -176,6 +180,10 @@ def describe_references(scores: dict[str, float], k: int) -> str:
 
 def random_reference(config: Config, data: Dataset) -> dict[str, float]:
     """Random-ranking mAP@k and mAP@ALL of config.eval_split's queries (seed 0): what chance scores there."""
+    import torch
+
+    from agch.metrics import random_ranking_map
+
     split = evaluation_split(data.split, config.eval_split)
     chance = random_ranking_map(torch.from_numpy(data.labels[split.query]),
                                 torch.from_numpy(data.labels[split.retrieval]), ks=(config.topk, None), seed=0)

@@ -98,7 +98,7 @@ def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, dict[str, float]]
     ranking, CCA+ITQ at the base bits) on the same queries."""
     from agch.baselines import reference_scores
     from agch.data import open_dataset
-    from agch.train import describe_protocol, protocol_of
+    from agch.protocol import describe_protocol, protocol_of
 
     base = cfg.from_flat(space.base)
     with open_dataset(dataset) as data:
@@ -354,7 +354,7 @@ def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:
     tracker.log_metrics(ctx.parent_run_id, {f"test_{k}": v for k, v in means.items() if k.startswith("map")},
                         step=0)
     from agch.data import open_dataset
-    from agch.train import describe_protocol, protocol_of
+    from agch.protocol import describe_protocol, protocol_of
 
     with open_dataset(ctx.dataset) as data:
         config = cfg.apply(cfg.from_flat(test_ctx.base), {k: v for k, v in params.items()})

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sps
 
 CONFIDENCE = 0.95
 """Level of the paired-difference confidence interval; the verdict uses the same level (α = 1 − CONFIDENCE)."""
@@ -122,6 +121,9 @@ def paired_compare(on: Sequence[float], off: Sequence[float], *, higher_is_bette
         p_w = 1.0 if diff_mean == 0.0 else min_wilcoxon_p(n)  # every difference has the same sign and rank
         verdict = _same_shift_verdict(n, diff_mean, p_w, 1 - confidence, higher_is_better)
     elif n >= 2:
+        # scipy.stats takes a second to import; the table helpers of this module are used without it
+        from scipy import stats as sps
+
         test = sps.ttest_rel(a, b)
         ci = test.confidence_interval(confidence)
         ci_low, ci_high, p_t = float(ci.low), float(ci.high), float(test.pvalue)
@@ -146,6 +148,8 @@ def _wilcoxon(d: np.ndarray) -> float:
     nonzero = d[d != 0]
     if len(nonzero) == 0:
         return 1.0
+    from scipy import stats as sps
+
     return float(sps.wilcoxon(nonzero, alternative="two-sided", method="exact").pvalue)
 
 

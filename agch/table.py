@@ -110,8 +110,8 @@ def run_table(name: str, preset: str, base: cfg.Config, bits: tuple[int, ...], s
     """
     from agch.ablation import run_plan
     from agch.data import open_dataset
+    from agch.protocol import describe_protocol, protocol_of
     from agch.tracking import open_tracker, run_tags
-    from agch.train import describe_protocol, protocol_of
 
     tracker = open_tracker(tracking_uri, experiment, wait=False)
     with open_dataset(dataset) as data:
@@ -143,7 +143,7 @@ def bits_text(bits: tuple[int, ...] | list[int]) -> str:
 
 
 def protocol_line(run: TableRun) -> str:
-    from agch.train import describe_protocol
+    from agch.protocol import describe_protocol
 
     return (f"mAP@{run.topk} and mAP@ALL (Hamming ranking, relevance = >=1 shared label), "
             f"{describe_protocol(dict(run.protocol, bits=bits_text(run.bits)))}; mean ± std over "

@@ -21,6 +21,7 @@ from agch.errors import UserError
 from agch.losses import agch_loss
 from agch.metrics import evaluate_hashing
 from agch.model import AGCH
+from agch.protocol import protocol_of
 from agch.similarity import batch_similarity
 from agch.splits import Split, evaluation_split
 
@@ -115,31 +116,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def protocol_of(config: Config, data: Dataset) -> dict[str, Any]:
-    """What every reported mAP means (docs/protocol.md): logged beside every figure."""
-    split = evaluation_split(data.split, config.eval_split)
-    return {
-        "metrics": f"mAP@{config.topk} and mAP@ALL, Hamming ranking, relevance = >=1 shared label, ties by index",
-        "directions": "i2t = image query -> text database, t2i = text query -> image database",
-        "bits": config.bits,
-        "split": data.meta.get("split_protocol"),
-        "queries": config.eval_split,
-        "n_query": len(split.query),
-        "n_database": len(split.retrieval),
-        "n_train": len(split.train),
-        "dataset": data.name,
-        "dataset_identity": data.identity,
-        "synthetic": ",".join(sorted(data.synthetic)) or "none",
-    }
-
-
-def describe_protocol(protocol: dict[str, Any]) -> str:
-    """'64 bits, standard split, test queries (2000 vs 18015 database), dataset NAME (synthetic parts: ...)'."""
-    p = protocol
-    return (f"{p['bits']} bits, {p['split']} split, {p['queries']} queries ({p['n_query']} vs {p['n_database']} "
-            f"database), dataset {p['dataset']} (synthetic parts: {p['synthetic']})")
 
 
 def _check_checkpoint(checkpoint: dict[str, Any], config: Config, data: Dataset) -> None:

@@ -146,8 +146,9 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from agch.data import open_dataset
+    from agch.protocol import describe_protocol, protocol_of
     from agch.tracking import log_result, run_tags
-    from agch.train import describe_protocol, protocol_of, train
+    from agch.train import train
 
     context = RunContext(**ctx)
     trial_id = tune.get_context().get_trial_id()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -48,6 +52,29 @@ def test_cca_itq_scores_like_a_trainer_run_and_beats_chance(tiny_dataset, tiny_c
     assert result.codes["codes_query_image"].shape == (100, tiny_config.bits)
     assert val.protocol["queries"] == "validation" and val.protocol["n_database"] == result.protocol["n_database"] - val.protocol["n_query"]
     assert references == {"random_map50": chance["map@50"], "random_mapall": chance["map@all"]}
+
+
+def test_the_drivers_read_cached_references_and_describe_the_protocol_without_torch_or_scipy(tiny_dataset, tiny_config,
+                                                                                             private_home):
+    """agch-search and agch-ablate do both before their first trial: torch and scipy.stats took ~3 s of that start-up
+    to import (docs/search.md, "Overhead of the service"); only the trials need them."""
+    with open_dataset(tiny_dataset) as data:
+        expected = reference_scores(tiny_config, data)
+    code = """import json, sys
+import agch.ablation, agch.runner, agch.search, agch.show, agch.stats
+from agch import config as cfg
+from agch.baselines import reference_scores
+from agch.data import open_dataset
+from agch.protocol import describe_protocol, protocol_of
+config = cfg.from_flat(json.loads(sys.argv[2]))
+with open_dataset(sys.argv[1]) as data:
+    scores, line = reference_scores(config, data), describe_protocol(protocol_of(config, data))
+print(json.dumps([scores, line, sorted(m for m in ("torch", "scipy.linalg", "scipy.stats") if m in sys.modules)]))
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_dataset), json.dumps(cfg.to_flat(tiny_config))],
+                          check=True, capture_output=True, text=True)
+    scores, line, imported = json.loads(done.stdout.splitlines()[-1])
+    assert scores == expected and line.startswith(f"{tiny_config.bits} bits") and imported == []
 
 
 def test_reference_scores_are_cached_by_dataset_and_settings(tiny_dataset, tiny_config, private_home):

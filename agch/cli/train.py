@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(metrics: dict[str, float], protocol: dict, k: int) -> str:
     """The headline figures with their full protocol (docs/protocol.md)."""
-    from agch.train import describe_protocol
+    from agch.protocol import describe_protocol
 
     return (f"mAP@{k}: I->T {metrics[f'map{k}_i2t']:.4f}  T->I {metrics[f'map{k}_t2i']:.4f} | "
             f"mAP@ALL: I->T {metrics['mapall_i2t']:.4f}  T->I {metrics['mapall_t2i']:.4f}  "
@@ -34,10 +34,11 @@ def describe(metrics: dict[str, float], protocol: dict, k: int) -> str:
 def run(argv: list[str] | None) -> int:
     from tqdm import tqdm
 
-    from agch.data import open_dataset
-    from agch.tracking import Tracker, run_tags
     from agch.config import to_flat
-    from agch.train import describe_protocol, protocol_of, resolve_device, train
+    from agch.data import open_dataset
+    from agch.protocol import describe_protocol, protocol_of
+    from agch.tracking import Tracker, run_tags
+    from agch.train import resolve_device, train
 
     args = build_parser().parse_args(argv)
     preset, config = config_from_args(args)
