@@ -84,7 +84,7 @@ def main() -> None:
     loop_before, before = plain_loop()
 
     with tempfile.TemporaryDirectory() as home:
-        os.environ["AGCH_HOME"] = home  # for this process's reference cache and stores, and the search's
+        os.environ["AGCH_HOME"] = home  # this process's reference cache and stores; the search gets it below
         with open_dataset(dataset) as data:
             reference_scores(base, data)  # cached in the search's home, as after a dataset's first search
         Tracker(f"sqlite:///{home}/mlflow.db", "agch-search")  # the stores' tables, as after a home's first search
@@ -124,7 +124,8 @@ def main() -> None:
     else:
         print(f"plain loop:  {loop:.1f} s ({before['inside']:.1f} s inside train())")
     print(f"agch-search: {searched:.1f} s ({inside:.1f} s inside train(), {searched - inside:.1f} s outside)")
-    print(f"  inside train(): the epochs' training {epochs:.1f} s (loop: {before['epochs']:.1f} / {after['epochs']:.1f} s), "
+    print(f"  inside train(): the epochs' training {epochs:.1f} s "
+          f"(loop: {before['epochs']:.1f} / {after['epochs']:.1f} s), "
           f"the rest (set-up, evaluations, reporting, checkpoints) {inside - epochs:.1f} s (loop: "
           f"{before['inside'] - before['epochs']:.1f} / {after['inside'] - after['epochs']:.1f} s)")
     print(f"  fixed start-up (command start to the first trial's run): "
