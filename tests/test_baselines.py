@@ -54,10 +54,10 @@ def test_cca_itq_scores_like_a_trainer_run_and_beats_chance(tiny_dataset, tiny_c
     assert references == {"random_map50": chance["map@50"], "random_mapall": chance["map@all"]}
 
 
-def test_the_drivers_read_cached_references_and_describe_the_protocol_without_torch_or_scipy(tiny_dataset, tiny_config,
-                                                                                             private_home):
-    """agch-search and agch-ablate do both before their first trial: torch and scipy.stats took ~3 s of that start-up
-    to import (docs/search.md, "Overhead of the service"); only the trials need them."""
+def test_drivers_read_cached_references_and_the_protocol_without_torch_or_scipy(tiny_dataset, tiny_config,
+                                                                                private_home):
+    """agch-search and agch-ablate do both before their first trial, and make tables at the end: importing torch took
+    2 s of a search's start-up, scipy.stats 1 s of its finish (docs/search.md, "Overhead of the service")."""
     with open_dataset(tiny_dataset) as data:
         expected = reference_scores(tiny_config, data)
     code = """import json, sys
