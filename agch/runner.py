@@ -56,6 +56,8 @@ class TrialOutcome:
     metrics: dict = field(default_factory=dict)
     run_id: str | None = None
     epochs: int = 0
+    name: str = ""
+    """the MLflow run's name ('t2 δ=0.0563 γv=3.62 γt=1.45')."""
 
 
 @dataclass
@@ -251,7 +253,7 @@ def _outcome(run: Any) -> TrialOutcome:
     return TrialOutcome(trial_id=tags["agch.trial_id"], params=json.loads(tags.get("agch.trial_params", "{}")),
                         status=tags.get("agch.status", "interrupted"), reason=tags.get("agch.reason") or None,
                         metrics=dict(run.data.metrics), run_id=run.info.run_id,
-                        epochs=int(run.data.metrics.get("epoch", 0)))
+                        epochs=int(run.data.metrics.get("epoch", 0)), name=run.info.run_name or "")
 
 
 class _TrialEvents(Callback):

@@ -24,7 +24,7 @@ def _study_search_class() -> type:
     from optuna.trial import Trial, TrialState
     from ray.tune.search.optuna import OptunaSearch
 
-    from agch.trial import FINAL, SEED_OFFSET, TRIAL_NUMBER
+    from agch.trial import FINAL, RUN_ID, SEED_OFFSET, TRIAL_NUMBER
 
     class StudySearch(OptunaSearch):
         """Ray's OptunaSearch on a persistent study, with results keyed by epoch and repeated seeds.
@@ -33,9 +33,14 @@ def _study_search_class() -> type:
           intermediate values at their epoch.
         - With seeds > 1 each suggestion runs as that many Tune trials (SEED_OFFSET 0..seeds-1) and Optuna is told
           the mean once all have ended. The groups are part of this object, which Tune saves and restores.
-        - A trial that ended without its final report was early-stopped: Optuna records it as pruned. One whose
-          codes collapsed reports its measured value like any other (user attr collapsed = True): TPE ignores
-          failed trials, so a collapse reported as FAIL would leave it sampling where codes collapse.
+        - A trial that ended without its final report was early-stopped: Optuna records it as pruned, with the
+          result that stopped it as its last intermediate value (Tune hands that result to the scheduler, not to
+          the searcher's on_trial_result), so its value is the one MLflow and the console hold. One whose codes
+          collapsed reports its measured value like any other (user attr collapsed = True): TPE ignores failed
+          trials, so a collapse reported as FAIL would leave it sampling where codes collapse.
+        - Each Optuna trial carries the project's name for it (user attr `name`, 't2', as in its MLflow run's
+          name) and, once ended, its MLflow run ids and links (`mlflow_run_ids`, `mlflow_runs`; `run_link` is the
+          UI's run page with {} for the id).
         - Every suggestion carries its Optuna trial number (TRIAL_NUMBER), so that trials with equal settings are
           distinct places for agch.trial.trial_slot.
         - On restore, Optuna trials asked after Tune last saved its state (trials a killed driver had just started)
@@ -43,9 +48,11 @@ def _study_search_class() -> type:
           lost trials' MLflow runs. A trial that Optuna already closed before the driver died is not told twice.
         """
 
-        def __init__(self, *, seeds: int = 1, **kwargs: Any):
+        run_link = "{}"  # a class default: searcher states saved before it existed restore without it
+
+        def __init__(self, *, seeds: int = 1, run_link: str = "{}", **kwargs: Any):
             super().__init__(**kwargs)
-            self.seeds = seeds
+            self.seeds, self.run_link = seeds, run_link
             self.groups: dict[str, dict] = {}
             self.open_group: dict | None = None
             self.orphans: list[int] = []
@@ -60,7 +67,9 @@ def _study_search_class() -> type:
                 if not isinstance(params, dict):
                     return params
                 params[TRIAL_NUMBER] = self._ot_trials[trial_id].number
-                group = self.open_group = {"primary": trial_id, "params": params, "members": [], "ended": {}}
+                self._ot_trials[trial_id].set_user_attr("name", f"t{params[TRIAL_NUMBER]}")
+                group = self.open_group = {"primary": trial_id, "params": params, "members": [], "ended": {},
+                                           "runs": {}}
             group["members"].append(trial_id)
             self.groups[trial_id] = group
             self._ot_trials[group["primary"]].set_user_attr("tune_trial_ids", list(group["members"]))
@@ -81,8 +90,12 @@ def _study_search_class() -> type:
             if group is None or trial_id in group["ended"]:
                 return
             metrics = [self.metric] if isinstance(self.metric, str) else list(self.metric)
+            if (result or {}).get(RUN_ID):
+                group.setdefault("runs", {})[trial_id] = result[RUN_ID]
             if error or not (result or {}).get(FINAL):
                 group["ended"][trial_id] = "failed" if error else "pruned"
+                if not error and result:
+                    self.on_trial_result(trial_id, result)  # the result that stopped it
             else:
                 group["ended"][trial_id] = [float(result[m]) for m in metrics]
                 self.on_trial_result(trial_id, result)  # the last epoch's value, reported only at the end
@@ -99,8 +112,13 @@ def _study_search_class() -> type:
             else:
                 state, means = TrialState.COMPLETE, np.mean(ended, axis=0).tolist()
                 values = means[0] if isinstance(self.metric, str) else means
+            primary = self._ot_trials[group["primary"]]
+            runs = [group.get("runs", {})[t] for t in group["members"] if t in group.get("runs", {})]
             try:
-                self._ot_study.tell(self._ot_trials[group["primary"]], values, state=state)
+                if runs:
+                    primary.set_user_attr("mlflow_run_ids", runs)
+                    primary.set_user_attr("mlflow_runs", [self.run_link.format(run) for run in runs])
+                self._ot_study.tell(primary, values, state=state)
             except UpdateFinishedTrialError:
                 pass
             except RuntimeError as err:

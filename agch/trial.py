@@ -30,10 +30,12 @@ TRIAL_NUMBER = "trial_number"
 number). Like SEED_OFFSET it is not a config key."""
 FINAL = "agch_final"
 """Result key set (to 1) only on a trial's last report, after its MLflow run is complete."""
+RUN_ID = "agch_run_id"
+"""Result key of every report: the trial's MLflow run id (the searcher records it on the Optuna trial)."""
 CHECKPOINT_ENV = "AGCH_CHECKPOINT_EVERY_S"
 """Environment variable: seconds between a trial's checkpoints (checkpoint_period)."""
 SYMBOLS = {"delta": "δ", "gamma_v": "γv", "gamma_t": "γt", "lam": "λ", "alpha": "α", "beta": "β", "rho": "ρ"}
-"""The paper's symbols, for run names."""
+"""The paper's symbols, for run names, in the order run names give them (other keys follow alphabetically)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,11 @@ class RunContext:
     """what the user named: the search or the ablation (tag agch.name on the parent and every child run)."""
     kind: str = ""
     """'search' or 'ablation'."""
+    role: str = "trial"
+    """tag agch.role of the runs: 'trial' (one of the search's or ablation's trials, what the UI link lists) or
+    'test' (a search's chosen settings scored once on the test queries)."""
+    label: str = ""
+    """with role 'test': what was chosen, e.g. 'chosen settings t2' (the run's name: 'test: chosen settings t2 ...')."""
     arm_labels: dict = field(default_factory=dict)
     """an ablation's arm label per cell settings (key: settings_key), for run names and the agch.arm tag."""
     stop_on_collapse: bool = False
@@ -91,15 +98,19 @@ def settings_key(settings: dict[str, Any]) -> str:
 
 def run_name(ctx: RunContext, params: dict[str, Any], config: cfg.Config) -> str:
     """What varied, as the run's name: 't3 δ=0.034 γv=3.27 γt=0.82' (a search trial; then 's<seed>' when it is one
-    of several seeds) or 'paper[+alignment] s0' (an ablation arm and seed)."""
+    of several seeds), 'test: chosen settings t3 δ=0.034 γv=3.27 γt=0.82' (a search's test run) or
+    'paper[+alignment] s0' (an ablation arm and seed)."""
     params = dict(params)
     number, offset, settings = (params.pop(k, None) for k in (TRIAL_NUMBER, SEED_OFFSET, SETTINGS))
     params.pop("seed", None)
-    parts = [f"t{number}"] if number is not None else []
+    parts = [f"test: {ctx.label}"] if ctx.role == "test" and ctx.label else []
+    parts += [f"t{number}"] if number is not None else []
     if settings is not None:
         parts.append(ctx.arm_labels.get(settings_key(settings)) or settings_key(settings))
-    parts += [f"{SYMBOLS.get(k, k)}={v:.3g}" if isinstance(v, float) else f"{SYMBOLS.get(k, k)}={v}"
-              for k, v in sorted(params.items())]
+    order = list(SYMBOLS)
+    keys = sorted(params, key=lambda k: (order.index(k) if k in order else len(order), k))
+    parts += [f"{SYMBOLS.get(k, k)}={params[k]:.3g}" if isinstance(params[k], float)
+              else f"{SYMBOLS.get(k, k)}={params[k]}" for k in keys]
     if settings is not None or offset:
         parts.append(f"s{config.seed}")
     return " ".join(parts) or ctx.group
@@ -132,11 +143,16 @@ def trial_slot(ctx: RunContext, params: dict[str, Any]) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:20]
 
 
+MLFLOW_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+"""The MLflow status a trial's run ends with, by its agch.status: a trial the scheduler stopped early ran as asked
+(its result is the value that stopped it), so it is FINISHED, not KILLED or FAILED; only an interrupted trial, which
+a resume continues, is KILLED."""
+
+
 def end_trial_run(tracker: RetryingTracker, run_id: str, status: str, reason: str | None) -> None:
-    """Tag the trial's state and reason and close its MLflow run accordingly."""
+    """Tag the trial's state and reason and close its MLflow run accordingly (MLFLOW_STATUS)."""
     tracker.set_tags(run_id, {"agch.status": status, "agch.reason": reason or ""})
-    mlflow_status = {"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED")
-    tracker.end_run(run_id, mlflow_status)
+    tracker.end_run(run_id, MLFLOW_STATUS.get(status, "KILLED"))
 
 
 def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -180,7 +196,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             protocol = describe_protocol(protocol_of(config, data))
             label = context.name or context.group
             tags = {**run_tags(config, data), "agch.group": context.group, "agch.slot": slot, "agch.name": label,
-                    "agch.seed": str(config.seed), "agch.protocol": protocol,
+                    "agch.role": context.role, "agch.seed": str(config.seed), "agch.protocol": protocol,
                     "mlflow.note.content": f"{context.kind or 'trial'} {label}, {name}: every mAP is {protocol}",
                     "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
             if TRIAL_NUMBER in params:
@@ -206,7 +222,7 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
                                 report.epoch)
             if last:
                 return None  # the last epoch is reported after the run is complete (a scheduler may stop it at once)
-            result = {"epoch": report.epoch, "loss": report.losses["total"]}
+            result = {"epoch": report.epoch, "loss": report.losses["total"], RUN_ID: run_id}
             if not report.metrics:
                 tune.report(result)
                 return None
@@ -232,14 +248,16 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             raise TrialFailed(result.reason)
         # collapsed codes are a result (tagged agch.collapsed): a sampler must learn where they happen
         end_trial_run(tracker, run_id, "finished", result.reason)
-    tune.report({**result.metrics, "epoch": result.epochs_run, FINAL: 1})
+    tune.report({**result.metrics, "epoch": result.epochs_run, RUN_ID: run_id, FINAL: 1})
 
 
 def _replay(run: Any) -> None:
-    """Report a run that already ended as the trial's result (finished) or error (failed)."""
+    """Report a run that already ended as the trial's result (finished), its last result without the final mark
+    (stopped by the scheduler: the searcher records it stopped again) or its error (failed)."""
     from ray import tune
 
     if run.info.status == "FAILED":
         raise TrialFailed(run.data.tags.get("agch.reason") or "failed in an earlier session")
-    epochs = int(run.data.params.get("epochs", 0))
-    tune.report({**run.data.metrics, "epoch": epochs, FINAL: 1})
+    stopped = run.data.tags.get("agch.status") == "stopped"
+    epochs = int(run.data.metrics.get("epoch", 0)) if stopped else int(run.data.params.get("epochs", 0))
+    tune.report({**run.data.metrics, "epoch": epochs, RUN_ID: run.info.run_id, **({} if stopped else {FINAL: 1})})
