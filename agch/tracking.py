@@ -99,34 +99,72 @@ def artifact_root(uri: str) -> str | None:
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-"""Experiment tag: the MLflow UI (3.x) opens such an experiment on its runs table, not on the GenAI overview."""
+"""Experiment tag naming the experiment's kind. MLflow 3.17 does not route by it (its GenAI / Model training switch
+is per browser; agch.mlflow_ui and UI_WORKFLOW handle that); its kind selector and other versions read it."""
+UI_WORKFLOW = "workflowType=machine_learning"
+"""URL state of MLflow 3.17's UI: show the model-training pages (runs table), whatever the browser chose before."""
+UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` answers by default; a tracking server is its own UI."""
+VIEW_TAG = "mlflow.sharedViewState."
+"""Experiment tag prefix of a view of the runs table (MLflow's "Save & share view"): the link ui_link prints opens
+it with viewStateShareKey."""
 
 
-def ui_link(tracker: Any, name: str, metric: str, ui: str = "http://127.0.0.1:5000") -> str:
-    """The MLflow UI's runs table of `tracker`'s experiment, filtered to the runs of search or ablation `name` (tag
-    agch.name) and sorted by `metric`, best first. `ui`: where the UI answers (a tracking server is its own UI)."""
+def ui_base(tracker: Any) -> str:
+    """The MLflow UI's address for `tracker`'s experiment: .../#/experiments/ID."""
+    return f"{tracker.uri.rstrip('/') if is_server(tracker.uri) else UI}/#/experiments/{tracker.experiment_id}"
+
+
+def run_page(tracker: Any, run_id: str) -> str:
+    """The MLflow UI's page of one run (its description, metrics, artifacts)."""
+    return f"{ui_base(tracker)}/runs/{run_id}?{UI_WORKFLOW}"
+
+
+def runs_filter(name: str) -> str:
+    """The runs-table filter for the trials of search or ablation `name`: its parent and test runs left out."""
+    return f"tags.`agch.name` = '{name}' and tags.`agch.role` = 'trial'"
+
+
+def save_view(tracker: Any, name: str, metric: str, *, first: list[str], then: list[str]) -> None:
+    """Save the runs table of `name`'s trials as the link ui_link prints opens it: filtered (runs_filter), sorted by
+    `metric`, best first, with these columns ('metrics.`map50_mean`', 'params.`delta`', 'tags.`agch.status`') after
+    the run's name: `first` narrow enough that they fit beside MLflow's assistant panel on a laptop's screen, `then`
+    to the right of them."""
+    widths = {"attributes.`Run Name`": 250, **{column: 95 for column in first}}
+    state = {"searchFilter": runs_filter(name), "orderByKey": f"metrics.`{metric}`", "orderByAsc": False,
+             "selectedColumns": [*first, *then], "columnOrder": ["attributes.`Run Name`", *first, *then],
+             "columnWidths": widths}
+    tracker.set_experiment_tag(VIEW_TAG + name, json.dumps(state))
+
+
+def ui_link(tracker: Any, name: str, metric: str) -> str:
+    """The MLflow UI's runs table of `name`'s trials, best first by `metric`: its saved view (save_view) when there
+    is one, else the same filter and order as URL state (the default columns then, which show no metric)."""
     from urllib.parse import quote
 
-    base = tracker.uri.rstrip("/") if is_server(tracker.uri) else ui
-    query = (f"searchFilter={quote(f'tags.`agch.name` = {chr(39)}{name}{chr(39)}')}"
-             f"&orderByKey={quote(f'metrics.`{metric}`')}&orderByAsc=false")
-    return f"{base}/#/experiments/{tracker.experiment_id}/runs?{query}"
+    if VIEW_TAG + name in tracker.experiment_tags():
+        return f"{ui_base(tracker)}/runs?viewStateShareKey={quote(name)}&{UI_WORKFLOW}"
+    query = f"searchFilter={quote(runs_filter(name))}&orderByKey={quote(f'metrics.`{metric}`')}&orderByAsc=false"
+    return f"{ui_base(tracker)}/runs?{query}&{UI_WORKFLOW}"
 
 
 def ui_hint(tracker: Any, name: str, metric: str, parent: str | None = None) -> str:
-    """Lines telling how to open ui_link (and the parent run's page, whose description is the summary table): for an
+    """Lines telling how to open ui_link (and the parent run's page, whose description is the summary): for an
     SQLite store, the `mlflow ui` command first."""
     link = ui_link(tracker, name, metric)
     lines = [f"MLflow UI: {link}" if is_server(tracker.uri) else
-             f"MLflow UI: run `mlflow ui --backend-store-uri {tracker.uri}`, then open\n  {link}"]
+             f"MLflow UI: run `mlflow ui --app-name agch --backend-store-uri {tracker.uri}`, then open\n  {link}"]
     if parent:
-        page = link.split("/runs?")[0] + f"/runs/{parent}"
-        lines.append(f"  the summary (the parent run's description): {page}")
+        lines.append(f"  the summary (the parent run's description): {run_page(tracker, parent)}")
     return "\n".join(lines)
 
 
 NOTE_LIMIT = 7500
 """Characters of a run description (tag mlflow.note.content; MLflow keeps at most 8,000 per tag value)."""
+NOTE = "mlflow.note.content"
+"""Run and experiment tag: the description the MLflow UI shows (markdown) on the run's and the experiment's page."""
+OWN_NOTE = "agch.note"
+"""Experiment tag: the experiment description this project last wrote (a description someone else wrote is kept)."""
 
 
 def set_description(tracker: Any, run_id: str, markdown: str) -> None:
@@ -134,7 +172,16 @@ def set_description(tracker: Any, run_id: str, markdown: str) -> None:
     if len(markdown) > NOTE_LIMIT:
         cut = markdown[:NOTE_LIMIT - 80].rsplit("\n", 1)[0]
         markdown = cut + "\n\n(cut to fit; the whole report is in the run's artifacts)"
-    tracker.set_tags(run_id, {"mlflow.note.content": markdown})
+    tracker.set_tags(run_id, {NOTE: markdown})
+
+
+def describe_experiment(tracker: Any, markdown: str) -> None:
+    """The experiment's description (the first thing its page shows), unless someone else wrote the current one."""
+    tags = tracker.experiment_tags()
+    if tags.get(NOTE, "") in ("", tags.get(OWN_NOTE)):
+        markdown = markdown[:4900]  # MLflow keeps at most 5,000 characters per experiment tag value
+        tracker.set_experiment_tag(NOTE, markdown)
+        tracker.set_experiment_tag(OWN_NOTE, markdown)
 
 
 class Tracker:
@@ -201,6 +248,20 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def runs(self, filter_string: str, *, max_results: int = 50000, order_by: list[str] | None = None) -> list[Any]:
+        """The experiment's runs matching an MLflow filter string."""
+        return self.client.search_runs([self.experiment_id], filter_string, max_results=max_results,
+                                       order_by=order_by)
+
+    def run(self, run_id: str) -> Any:
+        return self.client.get_run(run_id)
+
+    def set_experiment_tag(self, key: str, value: str) -> None:
+        self.client.set_experiment_tag(self.experiment_id, key, value)
+
+    def experiment_tags(self) -> dict[str, str]:
+        return dict(self.client.get_experiment(self.experiment_id).tags)
 
 
 def run_tags(config: cfg.Config, data: Any) -> dict[str, str]:

@@ -160,9 +160,11 @@ def children(parents: set[int]) -> dict[int, str]:
 
 
 def start_mlflow(backend_uri: str, artifacts: Path, log: Path, port: int | None = None) -> tuple[Process, str]:
-    """`mlflow server` with one worker; returns the process and its http URI once /health answers."""
+    """`mlflow server --app-name agch` (as docker-compose.yml runs it) with one worker; returns the process and its
+    http URI once /health answers."""
     port = port or free_port()
-    proc = Process([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", backend_uri, "--serve-artifacts",
+    proc = Process([str(VENV_BIN / "mlflow"), "server", "--app-name", "agch", "--backend-store-uri", backend_uri,
+                    "--serve-artifacts",
                     "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
                     "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port},127.0.0.1,localhost"],
                    log, env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
