@@ -22,7 +22,8 @@ import yaml
 from agch import config as cfg
 from agch.errors import UserError, need, unknown
 from agch.space import Parameter, SearchSpace, describe_metric, make_sampler, make_scheduler
-from agch.tracking import open_tracker, redact, set_description, ui_hint
+from agch.tracking import (describe_experiment, open_tracker, redact, run_page, save_view, set_description, ui_hint,
+                           ui_link)
 
 
 def __getattr__(name: str) -> Any:
@@ -94,8 +95,8 @@ def open_storage(url: str) -> Any:
 
 
 def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, dict[str, float]]:
-    """Opens (so validates) the dataset; what the objective's numbers will mean, and the reference scores (random
-    ranking, CCA+ITQ at the base bits) on the same queries."""
+    """Opens (so validates) the dataset; what the objective's numbers will mean (all but the metric's name), and
+    the reference scores (random ranking, CCA+ITQ at the base bits) on the same queries."""
     from agch.baselines import reference_scores
     from agch.data import open_dataset
     from agch.protocol import describe_protocol, protocol_of
@@ -106,10 +107,15 @@ def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, dict[str, float]]
         references = reference_scores(base, data)
     if "bits" in [p.name for p in space.parameters]:
         protocol["bits"] = f"searched (references at {base.bits})"
-    described = f"{' & '.join(describe_metric(m) for m in space.metrics)}, {describe_protocol(protocol)}"
+    described = describe_protocol(protocol)
     if base.eval_split == "test":
         described += " -- settings chosen on the test queries: the best score is optimistic"
     return described, references
+
+
+def _steps(listener: Any) -> Any:
+    """The listener's on_step(text), called before each step that takes seconds; a no-op without one."""
+    return getattr(listener, "on_step", None) or (lambda text: None)
 
 
 def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | None = None,
@@ -126,6 +132,8 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
     """
     from datetime import datetime
 
+    import optuna
+
     from agch.paths import default_dataset
     from agch.runner import start_ray
     from agch.trial import RunContext
@@ -135,6 +143,8 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
     folder = searches_root() / name
     need(not folder.exists(), "--name", f"a search named {name} exists; continue it with "
           f"`agch-search resume {name}` or choose another name")
+    say = _steps(listener)
+    say("opening the MLflow tracking store and the Optuna storage")
     tracker = open_tracker(tracking_uri, experiment, wait=False)
     storage_url = storage_url or default_storage_url(tracker.uri)
     storage = open_storage(storage_url)
@@ -142,7 +152,11 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
           f"the Optuna storage {redact(storage_url)} already holds a study named {name}")
     need(space.gpus > 0 or not device.startswith("cuda"), "--device", "cuda needs resources.gpus > 0")
     dataset = Path(space.dataset) if space.dataset else default_dataset()
-    protocol, references = _protocol(dataset, space)
+    say("checking the dataset; the references on the trials' queries (random ranking, CCA+ITQ) are computed once "
+        "per dataset and code length (~30 s on 2 CPU cores), then cached")
+    described, references = _protocol(dataset, space)
+    protocol = f"{' & '.join(describe_metric(m) for m in space.metrics)}, {described}"
+    say(f"connecting to the Ray cluster at {ray_address}" if ray_address else "starting a local Ray")
     start_ray(ray_address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
 
     parent = tracker.start_run(name, tags={"agch.kind": "search", "agch.group": name, "agch.name": name,
@@ -157,6 +171,18 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
         "stop_on_collapse": space.stop_on_collapse, "objective": ",".join(space.metrics), "mode": space.mode,
         "dataset": str(dataset)})
     tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
+    save_view(tracker, name, space.metrics[0],
+              first=[f"metrics.`{m}`" for m in space.metrics] + [f"params.`{p.name}`" for p in space.parameters],
+              then=["metrics.`epoch`", "tags.`agch.status`"] + [f"metrics.`{m}`" for m in ("mapall_mean",)
+                                                                if m not in space.metrics])
+    # the study names its objectives with their protocol (optuna-dashboard shows them); Tune's OptunaSearch then
+    # loads it (load_if_exists)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+    direction = {"max": "maximize", "min": "minimize"}[space.mode]
+    study = optuna.create_study(study_name=name, storage=storage, directions=[direction] * len(space.metrics))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([f"{describe_metric(m)}, {described}" for m in space.metrics])
     ctx = RunContext(dataset=str(dataset), tracking_uri=tracker.uri, experiment=experiment, parent_run_id=parent,
                      device=device, base=space.base, group=name, name=name, kind="search",
                      stop_on_collapse=space.stop_on_collapse)
@@ -183,10 +209,14 @@ def resume(name: str, *, ray_address: str | None = None, verbose: bool = False, 
         return _finish(state, None, interrupted=False, notes=[f"search {name} had already finished; nothing was run"])
     if ray_address:
         state["ray_address"] = ray_address
+    say = _steps(listener)
+    say("opening the MLflow tracking store and the Optuna storage")
     tracker = open_tracker(state["context"]["tracking_uri"], state["context"]["experiment"], wait=False)
     open_storage(state["storage_url"])
     space = _space_from_state(state)
-    start_ray(state["ray_address"], {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
+    address = state["ray_address"]
+    say(f"connecting to the Ray cluster at {address}" if address else "starting a local Ray")
+    start_ray(address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
     tracker.reopen(state["context"]["parent_run_id"])
     return _drive(state, resume=True, verbose=verbose, listener=listener)
 
@@ -213,11 +243,12 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     from agch import study_search
 
+    tracker = open_tracker(ctx.tracking_uri, ctx.experiment)
     search_alg = study_search.StudySearch(
         space={p.name: p.distribution() for p in space.parameters}, metric=space.metrics[0] if len(
             space.metrics) == 1 else space.metrics, mode=space.mode if len(space.metrics) == 1 else [space.mode] * 2,
         sampler=make_sampler(space), study_name=state["name"], storage=open_storage(state["storage_url"]),
-        seeds=space.seeds)
+        seeds=space.seeds, run_link=run_page(tracker, "{}"))
     if listener is not None:
         listener.on_start(state["name"], space, state["protocol"], state["references"])
     interrupted, found = False, None
@@ -236,17 +267,19 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
             with contextlib.suppress(Exception):  # the error in flight matters more than closing the parent
                 open_tracker(ctx.tracking_uri, ctx.experiment, wait=False).end_run(ctx.parent_run_id, "FAILED")
             raise
-        return _finish(state, found, interrupted=interrupted, notes=list(space.notes))
+        return _finish(state, found, interrupted=interrupted, notes=list(space.notes), say=_steps(listener))
 
 
-def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[str]) -> SearchReport:
-    """Best trial, its config, the trial table and Optuna's plots onto the parent run; close the parent.
+def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[str],
+            say: Any = lambda text: None) -> SearchReport:
+    """Best trial, its config, the trial table and the plots onto the parent run, the test run; close the parent.
 
     `found` is what run_trials returned; None reports a search that had already finished, recording nothing.
     """
     import optuna
 
     from agch.runner import STATES, outcomes
+    from agch.search_plots import draw_plots
     from agch.trial import RunContext, trial_config
 
     space, ctx, name = _space_from_state(state), RunContext(**state["context"]), state["name"]
@@ -262,21 +295,24 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
         sign = 1 if space.mode == "max" else -1
         chosen = max(front, key=lambda t: sign * sum(t.values))
         ids = chosen.user_attrs.get("tune_trial_ids", [])
-        best = {"optuna_trial": chosen.number, "params": chosen.params,
-                "values": dict(zip(space.metrics, chosen.values, strict=True)),
-                "tune_trial_ids": ids, "run_ids": [o.run_id for o in trials if o.trial_id in ids],
+        runs = [o for o in trials if o.trial_id in ids]
+        best = {"name": chosen.user_attrs.get("name", f"t{chosen.number}"), "optuna_trial": chosen.number,
+                "params": chosen.params, "values": dict(zip(space.metrics, chosen.values, strict=True)),
+                "run_ids": [o.run_id for o in runs], "run_names": [o.name for o in runs],
+                "run_links": [run_page(tracker, o.run_id) for o in runs], "tune_trial_ids": ids,
                 "pareto_front": [t.number for t in front], "protocol": state["protocol"]}
         best_config = searches_root() / name / "best_config.yaml"
         # the chosen settings, trained and scored as the final test run is: on the test queries
         config_yaml = {"preset": space.preset, **cfg.to_flat(trial_config(ctx, chosen.params)), "eval_split": "test"}
         files.update({"best_trial.json": json.dumps(best, indent=2, default=str), "best_config.yaml": config_yaml})
     with ThreadPoolExecutor(max_workers=1) as background:
-        # Optuna's plots need only the finished study: drawn while the test run starts and trains (its new
-        # process imports on one core while the driver waits)
-        names = [p.name for p in space.parameters]
-        plotted = background.submit(_plots, study, space, names) if found is not None else None
+        # the plots need only the finished study: drawn while the test run starts and trains (its new process
+        # imports on one core while the driver waits)
+        plotted = background.submit(draw_plots, study, space, state["protocol"]) if found is not None else None
         if found is not None and best is not None and not interrupted and space.base["eval_split"] == "validation":
-            state["test"], state["test_protocol"] = _test_best(state, chosen.params)
+            say(f"training the chosen settings {best['name']} once more on the whole training split "
+                f"({space.seeds} seed(s)) and scoring them once on the test queries")
+            state["test"], state["test_protocol"] = _test_best(state, chosen.params, f"chosen settings {best['name']}")
             interrupted = state["test"] is None and state["test_protocol"] is None
     report = SearchReport(name=name, interrupted=interrupted, outcomes=trials, best=best, best_config=best_config,
                           protocol=state["protocol"], references=state["references"], test=state.get("test"),
@@ -286,13 +322,14 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
                           ui=ui_hint(tracker, name, space.metrics[0], ctx.parent_run_id))
     if found is None:
         return report
+    say("writing the plots, trials.csv and the summary onto the search's parent run")
     if best is not None:
         best_config.write_text(yaml.safe_dump(files["best_config.yaml"], sort_keys=False))
         tracker.log_metrics(ctx.parent_run_id, {f"best_{m}": v for m, v in best["values"].items()}, step=len(done))
-        tracker.set_tags(ctx.parent_run_id, {"agch.best_trial": ",".join(ids),
-                                             "agch.best_run": ",".join(best["run_ids"])})
         # tags, not params: an interrupted search records its best so far, and a resume may change it
-        tracker.set_tags(ctx.parent_run_id, {f"agch.best.{k}": v for k, v in chosen.params.items()})
+        tracker.set_tags(ctx.parent_run_id, {"agch.best_trial": best["name"], "agch.best_tune_trials": ",".join(ids),
+                                             "agch.best_run": ",".join(best["run_ids"]),
+                                             **{f"agch.best.{k}": v for k, v in chosen.params.items()}})
     if study.trials:
         files["trials.csv"] = _trials_csv(study, space, trials)
     plots, skipped = plotted.result()
@@ -302,10 +339,11 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
     tracker.log_metrics(ctx.parent_run_id, counts, step=len(trials))
     tracker.log_files(ctx.parent_run_id, files)
     tracker.set_tags(ctx.parent_run_id, {"agch.search_state": "interrupted" if interrupted else "finished"})
-    from agch.show import search_table
+    from agch.show import experiment_note, search_table
 
-    set_description(tracker, ctx.parent_run_id,
-                    search_table(tracker, name, markdown=True, parent=tracker.client.get_run(ctx.parent_run_id)))
+    parent = tracker.run(ctx.parent_run_id)
+    set_description(tracker, ctx.parent_run_id, search_table(tracker, name, markdown=True, parent=parent))
+    describe_experiment(tracker, experiment_note(tracker, name, parent, ui_link(tracker, name, space.metrics[0])))
     tracker.end_run(ctx.parent_run_id, "KILLED" if interrupted else "FINISHED")
     state["finished"] = not interrupted
     _save_state(state)
@@ -313,19 +351,31 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
 
 
 def _trials_csv(study: Any, space: SearchSpace, trials: list) -> str:
-    """Optuna's trial table with the objective columns named by their protocol and each trial's MLflow run ids."""
-    frame = study.trials_dataframe()
+    """One row per Optuna trial: its name (t2), state, objective columns named by their protocol, params, how its
+    MLflow run ended (status, epochs) and the run ids; Optuna's internal columns left out."""
+    multi = len(space.metrics) > 1
+    frame = study.trials_dataframe(attrs=("number", "values" if multi else "value", "params", "state", "duration",
+                                          "datetime_start", "user_attrs"))
     names = [describe_metric(m) for m in space.metrics]
-    frame = frame.rename(columns={"value": names[0], **{f"values_{i}": n for i, n in enumerate(names)}})
-    run_of = {o.trial_id: o.run_id for o in trials}
-    frame.insert(1, "run_ids", [";".join(run_of.get(i) or "" for i in t.user_attrs.get("tune_trial_ids", []))
-                                for t in study.trials])
-    return frame.to_csv(index=False)
+    # Optuna names the objective columns value/values_0... or, when the study names its metrics, by those names
+    objective = [c for c in frame.columns if c.startswith("value")]
+    frame = frame.rename(columns={**dict(zip(objective, names, strict=True)), "number": "optuna_trial",
+                                  "state": "optuna_state"})
+    frame = frame.drop(columns=[c for c in frame.columns if c.startswith("user_attrs_")])
+    outcome = {o.trial_id: o for o in trials}
+    ended = [[outcome[i] for i in t.user_attrs.get("tune_trial_ids", []) if i in outcome] for t in study.trials]
+    frame["trial"] = [t.user_attrs.get("name", f"t{t.number}") for t in study.trials]
+    frame["status"] = [";".join(o.status for o in runs) for runs in ended]
+    frame["epochs"] = [";".join(str(o.epochs) for o in runs) for runs in ended]
+    frame["run_ids"] = [";".join(o.run_id or "" for o in runs) for runs in ended]
+    first = ["trial", "status", "epochs", *names]
+    return frame[first + [c for c in frame.columns if c not in first]].to_csv(index=False)
 
 
-def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:
+def _test_best(state: dict, params: dict, label: str) -> tuple[dict | None, str | None]:
     """Train the chosen settings once more on the whole training split (every seed of the search) and score them
-    on the test queries: the search's one look at them. Logged on the parent run as test_* metrics.
+    on the test queries: the search's one look at them. Logged on the parent run as test_* metrics; the run is
+    tagged agch.role=test and named 'test: ' + `label` + the settings.
 
     Returns (mean test metrics, their protocol); (None, None) when interrupted (a resume runs it again; a finished
     test run is not retrained), (None, reason) when it failed.
@@ -337,7 +387,7 @@ def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:
 
     space, ctx = _space_from_state(state), RunContext(**state["context"])
     test_ctx = dataclasses.replace(ctx, base={**ctx.base, "eval_split": "test"}, group=f"{ctx.group}.test",
-                                   stop_on_collapse=False)
+                                   stop_on_collapse=False, role="test", label=label)
     seeds = {SEED_OFFSET: tune.grid_search(list(range(space.seeds)))} if space.seeds > 1 else {}
     folder = searches_root() / state["name"]
     found = run_trials(test_ctx, param_space={**params, **seeds}, metric="epoch", mode="max",
@@ -363,42 +413,3 @@ def _test_best(state: dict, params: dict) -> tuple[dict | None, str | None]:
     tracker.set_tags(ctx.parent_run_id, {"agch.test_protocol": protocol,
                                          "agch.test_runs": ",".join(o.run_id for o in found)})
     return means, protocol
-
-
-def _plots(study: Any, space: SearchSpace, names: list[str]) -> tuple[dict[str, bytes], list[str]]:
-    """Optuna's optimisation history, parameter importances and contour plots as PNG bytes, per objective."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as plot
-
-    kinds = {"optimization_history": lambda **kw: plot.plot_optimization_history(study, **kw),
-             "param_importances": lambda **kw: plot.plot_param_importances(study, **kw),
-             "contour": lambda **kw: plot.plot_contour(study, params=names, **kw)}
-    finished = sum(t.state.name == "COMPLETE" for t in study.trials)
-    pngs, skipped = {}, []
-    if finished < 2:
-        kinds.pop("param_importances")
-        kinds.pop("contour")
-        skipped.append(f"importance and contour plots need two finished trials; {finished} finished")
-    for index, metric in enumerate(space.metrics):
-        suffix = "" if len(space.metrics) == 1 else f"_{metric}"
-        target = None if len(space.metrics) == 1 else (lambda t, i=index: t.values[i])
-        for kind, draw in kinds.items():
-            if kind == "contour" and len(names) < 2:
-                continue  # a contour needs two parameters
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                    axes = draw(target=target, target_name=describe_metric(metric))
-                figure = np.atleast_1d(axes).flat[0].figure
-                buffer = io.BytesIO()
-                figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-                plt.close(figure)
-                pngs[f"{kind}{suffix}.png"] = buffer.getvalue()
-            except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. too few finished trials
-                skipped.append(f"{kind}{suffix}.png not drawn: {err}")
-    return pngs, skipped

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,8 +68,13 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     assert main(["run", str(write(tmp_path, SPACE)), "--data", str(tiny_dataset), "--name", "e2e"]) == 0
     out = capsys.readouterr().out
     assert "search e2e finished" in out and "mAP@50 mean(I->T, T->I), 16 bits" in out
-    assert "mlflow ui --backend-store-uri sqlite:///" in out
-    assert "/runs?searchFilter=tags.%60agch.name%60%20%3D%20%27e2e%27&orderByKey=metrics.%60map50_mean%60" in out
+    assert "mlflow ui --app-name agch --backend-store-uri sqlite:///" in out
+    assert "/runs?viewStateShareKey=e2e&workflowType=machine_learning" in out
+    # a line before each step that takes seconds; the live table's header and how many trials have ended
+    for step in ("opening the MLflow tracking store", "checking the dataset", "starting a local Ray",
+                 "training the chosen settings t", "writing the plots"):
+        assert step in out, step
+    assert "trial  state" in out and "6/6 trials ended" in out
 
     tracker, runs, study = stores("e2e")
     parent = parent_of(tracker, "e2e")
@@ -84,25 +90,58 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     assert {"reference_random_map50", "reference_cca_itq_mapall_i2t"} <= set(parent.data.metrics)
     assert len({frozenset(r.data.params) for r in runs}) == 1  # the same param names in every trial
     assert parent.data.params["sampler"] == "tpe" and parent.data.params["epochs"] == "3"
+    # the study names its objective with the protocol (optuna-dashboard shows it instead of "Objective 0")
+    assert study.metric_names == [parent.data.tags["agch.protocol"]]
+    assert study.metric_names[0].startswith("mAP@50 mean(I->T, T->I), 16 bits, standard split, validation queries")
 
+    # one record of each trial: the value that decided its fate is what Optuna and MLflow both hold
     optuna_of = {tid: t for t in study.trials for tid in t.user_attrs["tune_trial_ids"]}
     assert len(study.trials) == 6 and set(optuna_of) == {r.data.tags["agch.trial_id"] for r in runs}
     expected_state = {"finished": "COMPLETE", "stopped": "PRUNED", "failed": "FAIL"}
     for run in runs:
         trial = optuna_of[run.data.tags["agch.trial_id"]]
+        status = run.data.tags["agch.status"]
         assert json.loads(run.data.tags["agch.trial_params"]) == {**trial.params, "trial_number": trial.number}
         assert {k: float(run.data.params[k]) for k in trial.params} == pytest.approx(trial.params)
-        assert trial.state.name == expected_state[run.data.tags["agch.status"]], run.data.tags
-        if trial.state.name == "COMPLETE":
-            assert trial.value == pytest.approx(run.data.metrics["map50_mean"])
+        assert trial.state.name == expected_state[status], run.data.tags
+        assert trial.value == run.data.metrics["map50_mean"], (status, trial.intermediate_values)
+        assert max(trial.intermediate_values) == run.data.metrics["epoch"]
+        # stopped is not failed: ran as asked, FINISHED, with the scheduler's reason
+        assert run.info.status == {"finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED"}[status]
+        if status == "stopped":
+            assert run.data.tags["agch.reason"] == f"early-stopped by the scheduler after epoch " \
+                                                   f"{int(run.data.metrics['epoch'])}"
+        # one name everywhere: t<Optuna number> in the run's name and on the Optuna trial, with its run
+        assert trial.user_attrs["name"] == f"t{trial.number}"
+        assert trial.user_attrs["mlflow_run_ids"] == [run.info.run_id]
+        assert trial.user_attrs["mlflow_runs"][0].endswith(f"/runs/{run.info.run_id}?workflowType=machine_learning")
         assert "locked" not in run.data.tags["agch.reason"]  # concurrent trials share the SQLite store
-        # named by what varied; tagged so the UI can filter and tell trials apart
+        # named by what varied (the paper's order: δ, then γv, γt); tagged so the UI can filter and tell them apart
         assert run.info.run_name == f"t{trial.number} δ={trial.params['delta']:.3g} γv={trial.params['gamma_v']:.3g}"
         assert (run.data.tags["agch.name"], run.data.tags["agch.trial_number"]) == ("e2e", str(trial.number))
+        assert run.data.tags["agch.role"] == "trial"
         assert run.data.tags["agch.protocol"].startswith("16 bits, standard split, validation queries")
     statuses = [r.data.tags["agch.status"] for r in runs]
     assert "stopped" in statuses and "finished" in statuses  # ASHA stopped some, the best ran to the end
     assert all(r.data.metrics["epoch"] < 3 for r in runs if r.data.tags["agch.status"] == "stopped")
+
+    # the test run is apart: its own name and role, outside the printed link's filter
+    best = study.best_trial
+    (test,) = test_runs
+    assert test.info.run_name.startswith(f"test: chosen settings t{best.number} δ=") and \
+        test.data.tags["agch.role"] == "test"
+    assert {r.info.run_id for r in tracker.runs(tracking.runs_filter("e2e"))} == {r.info.run_id for r in runs}
+    view = json.loads(tracker.experiment_tags()[tracking.VIEW_TAG + "e2e"])
+    assert view["searchFilter"] == tracking.runs_filter("e2e") and view["orderByKey"] == "metrics.`map50_mean`"
+    assert view["selectedColumns"] == ["metrics.`map50_mean`", "params.`delta`", "params.`gamma_v`", "metrics.`epoch`",
+                                       "tags.`agch.status`", "metrics.`mapall_mean`"]
+    best_run = next(r for r in runs if optuna_of[r.data.tags["agch.trial_id"]].number == best.number)
+    assert parent.data.tags["agch.best_trial"] == f"t{best.number}"
+    assert parent.data.tags["agch.best_run"] == best_run.info.run_id
+    assert f"best trial: {best_run.info.run_name} (map50_mean {best.value:.4f}" in out
+    assert f"its MLflow run: http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/" \
+           f"{best_run.info.run_id}?workflowType=machine_learning" in out
+    assert f"Optuna trial {best.number} of study 'e2e'" in out
 
     artifacts = {a.path for a in tracker.client.list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "search.json", "best_config.yaml", "best_trial.json", "trials.csv",
@@ -111,18 +150,34 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
         assert {"param_importances.png", "contour.png"} <= artifacts
     assert main(["show", "e2e"]) == 0  # the same trials, read back from the tracking store alone
     shown = capsys.readouterr().out
-    best_run = max((r for r in runs if "map50_mean" in r.data.metrics), key=lambda r: r.data.metrics["map50_mean"])
-    assert shown.index(best_run.info.run_name) < min(shown.index(r.info.run_name) for r in runs if r is not best_run)
-    assert "test queries: " in shown and "every mAP is mAP@50 mean(I->T, T->I), 16 bits" in shown
-    note = tracker.client.get_run(parent.info.run_id).data.tags["mlflow.note.content"]  # the parent's description
-    assert f"| {best_run.info.run_name} | finished |" in note and "the summary (the parent run's description)" in out
-    best = study.best_trial
+    order = sorted(runs, key=lambda r: -r.data.metrics["map50_mean"])
+    assert [shown.index(r.info.run_name + " ") for r in order] == sorted(shown.index(r.info.run_name + " ")
+                                                                          for r in order)
+    assert shown.startswith(f"best trial {best_run.info.run_name}: mAP@50 mean(I->T, T->I) {best.value:.4f}")
+    assert "the chosen settings on the test queries, scored once: mAP@50 I->T" in shown
+    assert "every mAP is mAP@50 mean(I->T, T->I), 16 bits" in shown and test.info.run_name in shown
+    note = tracker.run(parent.info.run_id).data.tags["mlflow.note.content"]  # the parent's description
+    assert note.startswith(f"best trial **{best_run.info.run_name}**: mAP@50 mean(I->T, T->I) **{best.value:.4f}**")
+    assert "the summary (the parent run's description)" in out
+    # the experiment's description (the first thing its page shows) names the newest search's winner
+    experiment_note = tracker.experiment_tags()["mlflow.note.content"]
+    assert experiment_note.startswith(f"newest search e2e: best trial **{best_run.info.run_name}**")
     assert float(parent.data.tags["agch.best.delta"]) == pytest.approx(best.params["delta"])
+
+    # trials.csv agrees with the description table: each trial's objective, status and epochs
     table = tracker.client.download_artifacts(parent.info.run_id, "trials.csv", str(tmp_path))
     header, *rows = list(csv.reader(Path(table).read_text().splitlines()))
-    assert {"mAP@50 mean(I->T, T->I)", "run_ids"} <= set(header) and "value" not in header
-    run_ids = {r.info.run_id for r in runs}
-    assert all(set(row[header.index("run_ids")].split(";")) <= run_ids for row in rows)
+    assert header[:3] == ["trial", "status", "epochs"] and "mAP@50 mean(I->T, T->I)" in header
+    assert "run_ids" in header and not [h for h in header if h.startswith(("value", "system_attrs", "user_attrs"))]
+    described = {line.split(" | ")[0].lstrip("| ").split(" ")[0]: line.split(" | ")[1:5]
+                 for line in note.splitlines() if re.match(r"\| t\d+ ", line)}
+    assert len(rows) == len(described) == 6
+    for row in rows:
+        cells = dict(zip(header, row, strict=True))
+        status, value, _, epochs = described[cells["trial"]]
+        assert (cells["status"], f"{float(cells['mAP@50 mean(I->T, T->I)']):.4f}", cells["epochs"]) == (
+            status, value, epochs)
+        assert cells["run_ids"] in {r.info.run_id for r in runs}
     best_yaml = Path(os.environ["AGCH_HOME"]) / "searches" / "e2e" / "best_config.yaml"
     _, trained = config_from_args(train_parser().parse_args(["--config", str(best_yaml)]))
     assert trained.delta == pytest.approx(best.params["delta"])

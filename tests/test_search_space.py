@@ -239,21 +239,26 @@ def test_live_table_redraws_in_place_on_a_terminal_and_logs_lines_elsewhere() ->
         table = LiveTable(stream, refresh_s=0)
         references = {"random_map50": 0.5, "random_mapall": 0.4, **{f"cca_itq_{m}_{d}": 0.6 for m in ("map50", "mapall")
                                                                     for d in ("i2t", "t2i", "mean")}}
+        table.on_step("starting a local Ray")
         table.on_start("demo", space, "mAP@50 mean(I->T, T->I), 64 bits", references)
-        table.on_result("t1", {"delta": 0.5, "gamma_v": 2.0, "gamma_t": 0.3}, {"epoch": 1, "map50_mean": 0.61})
-        table.on_result("t2", {"delta": 2.0, "gamma_v": 1.0, "gamma_t": 0.9}, {"epoch": 1, "map50_mean": 0.55})
-        table.on_result("t2", {"delta": 2.0, "gamma_v": 1.0, "gamma_t": 0.9}, {"epoch": 2})  # not evaluated: no line
-        table.on_complete(TrialOutcome("t2", {"delta": 2.0}, "stopped", "early-stopped", {"map50_mean": 0.55}, "r2", 1))
-        table.on_complete(TrialOutcome("t1", {"delta": 0.5}, "finished", None, {"map50_mean": 0.64}, "r1", 4))
+        one, two = {"delta": 0.5, "gamma_v": 2.0, "gamma_t": 0.3, "trial_number": 1}, {"delta": 2.0, "trial_number": 2}
+        table.on_result("a1", one, {"epoch": 1, "map50_mean": 0.61})
+        table.on_result("a2", two, {"epoch": 1, "map50_mean": 0.55})
+        table.on_result("a2", two, {"epoch": 2})  # not evaluated: no line
+        table.on_complete(TrialOutcome("a2", two, "stopped", "early-stopped", {"map50_mean": 0.55}, "r2", 1))
+        table.on_complete(TrialOutcome("a1", one, "finished", None, {"map50_mean": 0.64}, "r1", 4))
         text = stream.getvalue()
+        assert text.startswith("starting a local Ray ...\n")
         assert "objective (max): map50_mean = mAP@50 mean(I->T, T->I), 64 bits" in text
         assert "references on the same queries: random ranking mAP@50 0.5000 / mAP@ALL 0.4000; CCA+ITQ" in text
-        assert "stopped" in text and "(early-stopped)" in text
-        assert table.best()[0] == "t1"
+        assert "trial  state" in text and "delta     gamma_v   gamma_t" in text  # the header, γv before γt
+        assert "t2     stopped" in text and "(early-stopped)" in text  # trials by their names, not Ray's ids
+        assert table.best()[0] == "a1"
         if stream.isatty():
-            assert "\x1b[" in text and text.rstrip().endswith("best so far: t1 map50_mean 0.6400")
-        else:
-            assert "\x1b[" not in text and text.count("\n") == 8  # three header lines and a blank, one per event
+            assert "\x1b[" in text and text.rstrip().endswith("2/8 trials ended; best so far: t1 map50_mean 0.6400")
+        else:  # the step, three header lines and a blank, the table's header, one line per event
+            assert "\x1b[" not in text and text.count("\n") == 10
+            assert text.rstrip().endswith("[2/8 trials ended]")
 
 
 def test_a_restored_search_hands_out_first_the_trials_a_killed_driver_had_asked_for(tmp_path: Path) -> None:

@@ -52,10 +52,10 @@ def _overrides(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
 
 
 class LiveTable:
-    """The console view of a running search: one row per trial, the best so far, redrawn in place on a terminal.
-
-    Off a terminal (a pipe, a log file) it prints one line per trial event instead.
-    """
+    """The console view of a running search: a header, one row per trial (its name t0, t1, ...; state; epoch of the
+    budget; the objective; the params), and how many trials have ended of how many; redrawn in place on a
+    terminal, one line per evaluation and per ended trial otherwise. A line announces each step that takes seconds
+    (on_step)."""
 
     def __init__(self, out: TextIO | None = None, refresh_s: float = 1.0):
         self.out = out or sys.stdout
@@ -63,10 +63,15 @@ class LiveTable:
         self.rows: dict[str, dict[str, Any]] = {}
         self.drawn, self.last_draw = 0, 0.0
 
+    def on_step(self, text: str) -> None:
+        print(f"{text} ...", file=self.out, flush=True)
+        self.drawn = 0  # a table drawn before stays above this line
+
     def on_start(self, name: str, space: Any, protocol: str, references: dict[str, float]) -> None:
         from agch.baselines import describe_references
 
         self.metric, self.mode, self.names = space.metrics[0], space.mode, [p.name for p in space.parameters]
+        self.total, self.epochs = space.trials * space.seeds, space.epochs
         print(f"search {name}: {space.trials} trials x {space.seeds} seed(s), sampler {space.sampler} "
               f"(seed {space.sampler_seed}), scheduler {space.scheduler}, up to {space.epochs} epochs each, "
               f"{space.concurrency} at a time", file=self.out)
@@ -74,7 +79,10 @@ class LiveTable:
         if references:
             k = space.base["topk"]
             print(f"references on the same queries: {describe_references(references, k)}", file=self.out)
-        print(file=self.out, flush=True)
+        print(file=self.out)
+        if not self.tty:
+            print(self._header(), file=self.out)
+        self.out.flush()
 
     def on_result(self, trial_id: str, params: dict, result: dict) -> None:
         row = self.rows.setdefault(trial_id, {"state": "running", "params": params, "epoch": 0, "value": None})
@@ -97,22 +105,39 @@ class LiveTable:
             return None
         return (max if self.mode == "max" else min)(scored, key=lambda item: item[1]["value"])
 
+    def _name(self, trial_id: str) -> str:
+        """The trial's name, t<Optuna trial number>, as in its MLflow run's name (Ray's id when it has none)."""
+        from agch.trial import TRIAL_NUMBER
+
+        number = self.rows[trial_id]["params"].get(TRIAL_NUMBER)
+        return trial_id if number is None else f"t{number}"
+
+    def _header(self) -> str:
+        return (f"{'trial':<6} {'state':<11} {'epoch':>7}  {self.metric:<11} " + " ".join(f"{n:<9}" for n in self.names)
+                ).rstrip()
+
     def _line(self, trial_id: str, row: dict) -> str:
-        params = " ".join(f"{n}={_short(row['params'].get(n))}" for n in self.names)
+        params = " ".join(f"{_short(row['params'].get(n)):<9}" for n in self.names)
         value = "-" if row["value"] is None else f"{row['value']:.4f}"
         extra = f"  ({row['reason']})" if row.get("reason") and row["state"] != "finished" else ""
-        return f"{trial_id:<14} {row['state']:<11} epoch {row['epoch']:>3}  {self.metric} {value:<7} {params}{extra}"
+        epoch = f"{row['epoch']}/{self.epochs}"
+        return f"{self._name(trial_id):<6} {row['state']:<11} {epoch:>7}  {value:<11} {params}".rstrip() + extra
+
+    def _progress(self) -> str:
+        ended = sum(r["state"] not in ("running", "interrupted") for r in self.rows.values())
+        best = self.best()
+        return (f"{ended}/{self.total} trials ended; best so far: " +
+                (f"{self._name(best[0])} {self.metric} {best[1]['value']:.4f}" if best else "-"))
 
     def _show(self, trial_id: str, force: bool, changed: bool = True) -> None:
         if not self.tty:  # a log: one line per evaluation and per ended trial, not per epoch
             if force or changed:
-                print(self._line(trial_id, self.rows[trial_id]), file=self.out, flush=True)
+                ended = f"  [{self._progress().split(';')[0]}]" if force else ""
+                print(self._line(trial_id, self.rows[trial_id]) + ended, file=self.out, flush=True)
             return
         if not force and time.monotonic() - self.last_draw < self.refresh_s:
             return
-        lines = [self._line(t, r) for t, r in self.rows.items()]
-        best = self.best()
-        lines.append(f"best so far: {best[0]} {self.metric} {best[1]['value']:.4f}" if best else "best so far: -")
+        lines = [self._header(), *(self._line(t, r) for t, r in self.rows.items()), self._progress()]
         if self.drawn:
             self.out.write(f"\x1b[{self.drawn}F\x1b[J")  # back to the table's first line, clear below
         self.out.write("\n".join(lines) + "\n")
@@ -125,7 +150,8 @@ def _short(value: Any) -> str:
 
 
 def summarize(report: Any, out: TextIO | None = None) -> None:
-    """The final summary: trials by state, the best trial and its config, where to look in MLflow and Optuna."""
+    """The final summary: trials by state, the best trial by its name with its MLflow run's link, its config and
+    test-query figures, where to look in MLflow and Optuna."""
     out = out or sys.stdout
     counts = {s: sum(o.status == s for o in report.outcomes) for s in STATE_ORDER[1:]}
     state = "interrupted" if report.interrupted else "finished"
@@ -133,9 +159,15 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
     for note in report.notes:
         print(f"  note: {note}", file=out)
     if report.best:
-        values = ", ".join(f"{m} {v:.4f}" for m, v in report.best["values"].items())
-        print(f"best trial: {', '.join(report.best['tune_trial_ids'])} ({values}; {report.protocol})", file=out)
-        print("  params: " + ", ".join(f"{k}={_short(v)}" for k, v in report.best["params"].items()), file=out)
+        best = report.best
+        values = ", ".join(f"{m} {v:.4f}" for m, v in best["values"].items())
+        name = (best.get("run_names") or [best.get("name", "")])[0]
+        print(f"best trial: {name} ({values}; {report.protocol})", file=out)
+        for link in best.get("run_links", []):
+            print(f"  its MLflow run: {link}", file=out)
+        print(f"  Optuna trial {best['optuna_trial']} of study '{report.name}'; Ray Tune trial(s) "
+              f"{', '.join(best['tune_trial_ids'])}", file=out)
+        print("  params: " + ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items()), file=out)
         print(f"  config for agch-train: agch-train --config {report.best_config}", file=out)
         if report.test is not None:
             t = report.test
@@ -150,7 +182,7 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
     print(f"MLflow: parent run {report.parent_run_id} in experiment '{report.experiment}' at {report.tracking_uri}",
           file=out)
     print(report.ui, file=out)
-    print(f"Optuna: study '{report.name}' in {report.storage_url}", file=out)
+    print(f"Optuna: study '{report.name}' in {report.storage_url} (optuna-dashboard {report.storage_url})", file=out)
     if report.interrupted:
         print(f"continue it with: agch-search resume {report.name}", file=out)
 
