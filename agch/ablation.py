@@ -184,12 +184,14 @@ def run_ablation(spec: AblationSpec, dataset: Path | None, *, tracking_uri: str 
             protocol.update(dataset=" vs ".join(f"{name} = {d.name}" for name, d in datas.items()),
                             dataset_identity=", ".join(d.identity for d in datas.values()),
                             synthetic=",".join(sorted({p for d in datas.values() for p in d.synthetic})) or "none")
-        say(f"every mAP below: mAP@{first.topk} / mAP@ALL, {describe_protocol(protocol)}")
+        described = f"mAP@{first.topk} / mAP@ALL, {describe_protocol(protocol)}"
+        say(f"every mAP below: {described}")
         references = {name: reference_scores(first, d) for name, d in datas.items()}
         for name, scores in references.items():
             say(f"references on the same queries{f' ({name})' if name else ''}: "
                 f"{describe_references(scores, first.topk)}")
         dataset_tags = {k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")}
+        dataset_tags["agch.protocol"] = described  # what every mAP of the ablation's report is
         if spec.datasets:
             dataset_tags["agch.datasets"] = json.dumps({name: d.identity for name, d in datas.items()})
 

@@ -67,7 +67,9 @@ class _Session:
     on_result: Callable | None = None
     on_complete: Callable | None = None
     trials: dict[str, tuple[str, dict, str | None]] = field(default_factory=dict)
-    """Tune's view at the end: trial id -> (Tune status, params, the error that ended an ERROR trial)."""
+    """Tune's view at the end: trial id -> (Tune status, params, the error that ended an ERROR trial). The status is
+    STOPPED for a trial the scheduler ended (Tune marks its last result done) and TERMINATED otherwise: Tune also
+    terminates the trials still running when the search ends (Ctrl-C, time budget), which are interrupted."""
 
 
 _SESSIONS: dict[str, _Session] = {}
@@ -204,7 +206,7 @@ def _close_open_runs(ctx: RunContext, session: _Session, *, wait: bool = True) -
     mark_lost(ctx, set(session.trials), wait=wait)
     ended = {trial_id: ("failed", error) if status == "ERROR" else
              ("stopped", "early-stopped by the scheduler (recorded when the search ended)")
-             for trial_id, (status, _, error) in session.trials.items() if status in ("ERROR", "TERMINATED")}
+             for trial_id, (status, _, error) in session.trials.items() if status in ("ERROR", "STOPPED")}
     close_unfinished(ctx, ended, wait=wait)
 
 
@@ -310,7 +312,9 @@ class _TrialEvents(Callback):
                   "it is recorded when the search ends", file=sys.stderr)
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
-        self.session.trials.update({t.trial_id: (t.status, dict(t.config),
+        stopped = lambda t: t.status == "TERMINATED" and (t.last_result or {}).get("done") and not (  # noqa: E731
+            t.last_result or {}).get(FINAL)
+        self.session.trials.update({t.trial_id: ("STOPPED" if stopped(t) else t.status, dict(t.config),
                                                  _last_line(t.error_file) if t.status == "ERROR" else None)
                                     for t in trials})
 

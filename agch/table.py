@@ -118,8 +118,10 @@ def run_table(name: str, preset: str, base: cfg.Config, bits: tuple[int, ...], s
         plan = table_plan(name, base, bits, spec, data.identity)
         first = next(iter(plan.cells.values())).config
         protocol = protocol_of(first, data)
-        say(f"every mAP below: mAP@{first.topk} / mAP@ALL, {describe_protocol(dict(protocol, bits=bits_text(bits)))}")
-        dataset_tags = {k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")}
+        described = f"mAP@{first.topk} / mAP@ALL, {describe_protocol(dict(protocol, bits=bits_text(bits)))}"
+        say(f"every mAP below: {described}")
+        dataset_tags = {**{k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")},
+                        "agch.protocol": described}
 
     def start() -> str:
         parent = tracker.start_run(f"table-{name}", tags={"agch.kind": "table", "agch.group": name, "agch.name": name,

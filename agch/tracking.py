@@ -265,8 +265,12 @@ class Tracker:
 
 
 def run_tags(config: cfg.Config, data: Any) -> dict[str, str]:
-    """Tags naming what a run computed on: dataset identity, synthetic parts, split, config identity."""
+    """Tags naming what a run computed on: dataset identity, synthetic parts, split, config identity, and what
+    every mAP of the run is (agch.protocol)."""
+    from agch.protocol import describe_protocol, protocol_of
+
     return {
+        "agch.protocol": describe_protocol(protocol_of(config, data)),
         "dataset.name": data.name,
         "dataset.path": str(data.path),
         "dataset.identity": data.identity,

@@ -162,7 +162,6 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from agch.data import open_dataset
-    from agch.protocol import describe_protocol, protocol_of
     from agch.tracking import log_result, run_tags
     from agch.train import train
 
@@ -193,11 +192,10 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
             tracker.reopen(run_id)
         else:
             name = run_name(context, params, config)
-            protocol = describe_protocol(protocol_of(config, data))
-            label = context.name or context.group
-            tags = {**run_tags(config, data), "agch.group": context.group, "agch.slot": slot, "agch.name": label,
-                    "agch.role": context.role, "agch.seed": str(config.seed), "agch.protocol": protocol,
-                    "mlflow.note.content": f"{context.kind or 'trial'} {label}, {name}: every mAP is {protocol}",
+            label, described = context.name or context.group, run_tags(config, data)
+            tags = {**described, "agch.group": context.group, "agch.slot": slot, "agch.name": label,
+                    "agch.role": context.role, "agch.seed": str(config.seed),
+                    "mlflow.note.content": f"{context.kind or 'trial'} {label}, {name}: every mAP is {described['agch.protocol']}",
                     "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
             if TRIAL_NUMBER in params:
                 tags["agch.trial_number"] = str(params[TRIAL_NUMBER])

@@ -101,6 +101,8 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     parents = runs(store, "tags.`agch.kind` = 'ablation'")
     parent = parents[-1].info.run_id  # the oldest: the first ablation
     assert parents[-1].info.status == "FINISHED"
+    # every run names its protocol: the parent what its report's numbers are, each trial its own
+    assert parents[-1].data.tags["agch.protocol"].startswith("mAP@50 / mAP@ALL, 32 bits, standard split, validation")
     assert {"reference_random_map50", "reference_cca_itq_mapall_t2i"} <= set(parents[-1].data.metrics)
     table = list(csv.DictReader(io.StringIO(parent_artifact(store, parent, "comparisons.csv", tmp_path))))
     rows = {(r["factor"], r["metric"]): r for r in table}
@@ -122,7 +124,8 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
         collapsed = child.data.tags["agch.collapsed"] == "True"
         tags = child.data.tags
         assert tags["agch.arm"] in labels and child.info.run_name == f"{tags['agch.arm']} s{tags['agch.seed']}"
-        assert tags["agch.name"] == "tiny-broken"
+        assert tags["agch.name"] == "tiny-broken" and tags["agch.role"] == "trial"
+        assert tags["agch.protocol"].startswith("32 bits, standard split, validation queries (100 vs 400 database)")
         assert child.info.status == "FINISHED" and set(child.data.params) == keys
         assert child.data.params["eval_split"] == "validation"  # an ablation compares settings: off the test queries
         assert collapsed == (child.data.params["fixes.quantization"] == "True")
@@ -194,6 +197,8 @@ def test_resume_after_interruption_retrains_nothing_and_duplicates_no_run(tiny_f
     results = analyse(first)
     publish(first, results, report_tables(first, results))  # as agch-ablate does: the parent ends KILLED
     assert client(store).get_run(first.parent_run_id).info.status == "KILLED"
+    # no scheduler: the trials Ctrl-C ended are interrupted (resumable), not early-stopped
+    assert "stopped" not in {r.data.tags.get("agch.status") for r in runs(store) if "agch.identity" in r.data.tags}
     done_before = {r.trial.identity: r.run_id for r in first.records if r.status == "finished"}
     assert 1 <= len(done_before) < 4
 

@@ -38,6 +38,7 @@ def test_run_is_logged_with_config_metrics_tags_and_codes(tiny_dataset, tmp_path
     assert len(client.get_metric_history(run.info.run_id, "loss_total")) == TINY["epochs"]
     tags = run.data.tags
     assert tags["dataset.synthetic"] != "none" and len(tags["dataset.identity"]) == 64
+    assert tags["agch.protocol"].startswith("16 bits, standard split, test queries")
     assert tags["agch.code_version"].startswith("0.1.0") and tags["agch.status"] == "finished"
 
     # the codes artifact re-evaluates to the logged mAP with an independent call

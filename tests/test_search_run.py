@@ -305,4 +305,7 @@ def test_interrupted_trials_are_closed_not_left_running(ray_session, tiny_datase
     assert report.interrupted  # the time budget ended it: resumable, like Ctrl-C
     tracker, runs, _ = stores("budget")
     assert not [r for r in runs if r.info.status == "RUNNING"]
+    # no scheduler: a trial the budget ended is interrupted (KILLED, resumable), never "stopped" (FINISHED)
+    assert {r.data.tags["agch.status"] for r in runs} <= {"finished", "interrupted"}
+    assert all(r.info.status == "KILLED" for r in runs if r.data.tags["agch.status"] == "interrupted")
     assert parent_of(tracker, "budget").data.tags["agch.search_state"] == "interrupted"

@@ -39,6 +39,7 @@ def test_table_beside_the_published_numbers_then_every_cell_reused(tiny_dataset,
     experiment = client.get_experiment_by_name("tab").experiment_id
     [parent] = client.search_runs([experiment], "tags.`agch.kind` = 'table'")
     assert parent.info.status == "FINISHED" and parent.data.params["bits"] == "16/32"
+    assert parent.data.tags["agch.protocol"].startswith("mAP@50 / mAP@ALL, 16/32 bits")
     children = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted((c.data.params["bits"], c.data.params["seed"]) for c in children) == [
         ("16", "0"), ("16", "1"), ("32", "0"), ("32", "1")]
