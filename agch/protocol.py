@@ -28,6 +28,13 @@ def protocol_of(config: Config, data: Dataset) -> dict[str, Any]:
     }
 
 
+def short_protocol(protocol: dict[str, Any]) -> str:
+    """'64 bits, validation queries, synthetic data': what fits an axis label (optuna-dashboard's plots)."""
+    data = "real data" if protocol["synthetic"] == "none" else "synthetic data"
+    bits = f"{protocol['bits']} bits" if isinstance(protocol["bits"], int) else "bits searched"
+    return f"{bits}, {protocol['queries']} queries, {data}"
+
+
 def describe_protocol(protocol: dict[str, Any]) -> str:
     """'64 bits, standard split, test queries (2000 vs 18015 database), dataset NAME (synthetic parts: ...)'."""
     p = protocol

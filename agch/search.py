@@ -94,12 +94,12 @@ def open_storage(url: str) -> Any:
         raise UserError(f"Optuna storage {redact(url)} is unreachable: {str(err).splitlines()[0]}") from None
 
 
-def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, dict[str, float]]:
-    """Opens (so validates) the dataset; what the objective's numbers will mean (all but the metric's name), and
-    the reference scores (random ranking, CCA+ITQ at the base bits) on the same queries."""
+def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, str, dict[str, float]]:
+    """Opens (so validates) the dataset; what the objective's numbers will mean (all but the metric's name) in full
+    and in short, and the reference scores (random ranking, CCA+ITQ at the base bits) on the same queries."""
     from agch.baselines import reference_scores
     from agch.data import open_dataset
-    from agch.protocol import describe_protocol, protocol_of
+    from agch.protocol import describe_protocol, protocol_of, short_protocol
 
     base = cfg.from_flat(space.base)
     with open_dataset(dataset) as data:
@@ -110,7 +110,7 @@ def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, dict[str, float]]
     described = describe_protocol(protocol)
     if base.eval_split == "test":
         described += " -- settings chosen on the test queries: the best score is optimistic"
-    return described, references
+    return described, short_protocol(protocol), references
 
 
 def _steps(listener: Any) -> Any:
@@ -154,7 +154,7 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
     dataset = Path(space.dataset) if space.dataset else default_dataset()
     say("checking the dataset; the references on the trials' queries (random ranking, CCA+ITQ) are computed once "
         "per dataset and code length (~30 s on 2 CPU cores), then cached")
-    described, references = _protocol(dataset, space)
+    described, short, references = _protocol(dataset, space)
     protocol = f"{' & '.join(describe_metric(m) for m in space.metrics)}, {described}"
     say(f"connecting to the Ray cluster at {ray_address}" if ray_address else "starting a local Ray")
     start_ray(ray_address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
@@ -175,14 +175,16 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
               first=[f"metrics.`{m}`" for m in space.metrics] + [f"params.`{p.name}`" for p in space.parameters],
               then=["metrics.`epoch`", "tags.`agch.status`"] + [f"metrics.`{m}`" for m in ("mapall_mean",)
                                                                 if m not in space.metrics])
-    # the study names its objectives with their protocol (optuna-dashboard shows them); Tune's OptunaSearch then
-    # loads it (load_if_exists)
+    # the study names its objectives with their protocol, short enough for optuna-dashboard's axis labels, and holds
+    # the whole protocol and the MLflow parent run as user attributes; Tune's OptunaSearch then loads it
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     direction = {"max": "maximize", "min": "minimize"}[space.mode]
     study = optuna.create_study(study_name=name, storage=storage, directions=[direction] * len(space.metrics))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([f"{describe_metric(m)}, {described}" for m in space.metrics])
+        study.set_metric_names([f"{describe_metric(m)}, {short}" for m in space.metrics])
+    study.set_user_attr("protocol", protocol)
+    study.set_user_attr("mlflow_parent_run", run_page(tracker, parent))
     ctx = RunContext(dataset=str(dataset), tracking_uri=tracker.uri, experiment=experiment, parent_run_id=parent,
                      device=device, base=space.base, group=name, name=name, kind="search",
                      stop_on_collapse=space.stop_on_collapse)
@@ -368,7 +370,7 @@ def _trials_csv(study: Any, space: SearchSpace, trials: list) -> str:
     frame["status"] = [";".join(o.status for o in runs) for runs in ended]
     frame["epochs"] = [";".join(str(o.epochs) for o in runs) for runs in ended]
     frame["run_ids"] = [";".join(o.run_id or "" for o in runs) for runs in ended]
-    first = ["trial", "status", "epochs", *names]
+    first = ["trial", "status", "epochs", *names, *(f"params_{p.name}" for p in space.parameters)]
     return frame[first + [c for c in frame.columns if c not in first]].to_csv(index=False)
 
 

@@ -34,32 +34,42 @@ def draw_plots(study: Any, space: SearchSpace, protocol: str) -> tuple[dict[str,
             skipped.append(f"importance and contour plots need two finished trials; {finished} finished")
             continue
         target = None if len(space.metrics) == 1 else (lambda t, i=index: t.values[i])
-        optuna_plots = {"param_importances": lambda: plot.plot_param_importances(
-            study, target=target, target_name=describe_metric(metric))}
-        if len(names) >= 2:
-            optuna_plots["contour"] = lambda: plot.plot_contour(study, params=names, target=target,
-                                                                target_name=describe_metric(metric))
-        for kind, draw in optuna_plots.items():
-            try:
+        try:
+            pngs[f"param_importances{suffix}.png"] = _importances(study, target, title)
+            if len(names) >= 2:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
-                    axes = draw()
-            except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. too few distinct values
-                skipped.append(f"{kind}{suffix}.png not drawn: {err}")
-                continue
-            figure = next(iter(_flat(axes))).figure
-            side = len(names) if kind == "contour" else 1
-            figure.set_size_inches(WIDTH_IN, WIDTH_IN * (0.9 if side > 1 else 0.55))
-            figure.suptitle(f"{title}\n({'finished trials' if kind == 'contour' else 'finished trials, fANOVA'})",
-                            fontsize=9)
-            for ax in _flat(axes):
-                ax.tick_params(labelsize=7)
-                ax.xaxis.label.set_size(8)
-                ax.yaxis.label.set_size(8)
-                if ax.get_title().startswith(("Contour", "Hyperparameter")):
+                    axes = plot.plot_contour(study, params=names, target=target, target_name=describe_metric(metric))
+                figure = _flat(axes)[0].figure
+                figure.set_size_inches(WIDTH_IN, WIDTH_IN * 0.9)
+                figure.suptitle(f"{title}\n(finished trials)", fontsize=9)
+                for ax in _flat(axes):
+                    ax.tick_params(labelsize=7)
+                    ax.xaxis.label.set_size(8)
+                    ax.yaxis.label.set_size(8)
                     ax.set_title("")
-            pngs[f"{kind}{suffix}.png"] = _png(figure)
+                pngs[f"contour{suffix}.png"] = _png(figure)
+        except (ValueError, RuntimeError, ZeroDivisionError) as err:  # e.g. too few distinct values
+            skipped.append(f"importance or contour plot{suffix} not drawn: {err}")
     return pngs, skipped
+
+
+def _importances(study: Any, target: Any, title: str) -> bytes:
+    """Optuna's fANOVA importance of each searched parameter for the objective, over the finished trials."""
+    import matplotlib.pyplot as plt
+    import optuna
+
+    importances = optuna.importance.get_param_importances(study, target=target)
+    figure, ax = plt.subplots(figsize=(WIDTH_IN, 1.2 + 0.45 * len(importances)))
+    names = list(importances)[::-1]
+    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    for y, name in enumerate(names):
+        ax.text(importances[name], y, f" {importances[name]:.2f}", va="center", fontsize=8)
+    ax.set_xlabel("importance (fANOVA, share of the objective's variance over the finished trials)", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.set_xlim(0, 1.1 * max(importances.values(), default=1))
+    ax.set_title(title, fontsize=9)
+    return _png(figure)
 
 
 def _history(study: Any, index: int, mode: str, title: str) -> bytes:
@@ -80,6 +90,7 @@ def _history(study: Any, index: int, mode: str, title: str) -> bytes:
         for number, value in sorted(finished):
             running = value if running is None else (max if mode == "max" else min)(running, value)
             best.append((number, running))
+        best.append((max(t.number for t in study.trials), running))  # on to the last trial
         ax.step(*zip(*best), where="post", color="tab:red", linewidth=1.2, label="best finished so far")
     stopped = [(n, v) for n, v in kinds["PRUNED"] if v is not None]
     if stopped:
@@ -93,14 +104,14 @@ def _history(study: Any, index: int, mode: str, title: str) -> bytes:
     ax.set_ylabel(title.splitlines()[0], fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right", frameon=False)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     ax.set_title(title, fontsize=9)
     return _png(figure)
 
 
 def _title(metric: str, protocol: str) -> str:
     """The metric on the first line, the rest of the protocol wrapped below it."""
-    rest = protocol.split(", ", 1)[1] if protocol.startswith(metric) and ", " in protocol else protocol
+    rest = protocol[len(metric):].lstrip(", ") if protocol.startswith(metric) else protocol
     return metric + "\n" + "\n".join(textwrap.wrap(rest, 110))
 
 

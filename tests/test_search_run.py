@@ -91,8 +91,9 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     assert len({frozenset(r.data.params) for r in runs}) == 1  # the same param names in every trial
     assert parent.data.params["sampler"] == "tpe" and parent.data.params["epochs"] == "3"
     # the study names its objective with the protocol (optuna-dashboard shows it instead of "Objective 0")
-    assert study.metric_names == [parent.data.tags["agch.protocol"]]
-    assert study.metric_names[0].startswith("mAP@50 mean(I->T, T->I), 16 bits, standard split, validation queries")
+    assert study.metric_names == ["mAP@50 mean(I->T, T->I), 16 bits, validation queries, synthetic data"]
+    assert study.user_attrs["protocol"] == parent.data.tags["agch.protocol"]
+    assert study.user_attrs["mlflow_parent_run"].endswith(f"/runs/{parent.info.run_id}?workflowType=machine_learning")
 
     # one record of each trial: the value that decided its fate is what Optuna and MLflow both hold
     optuna_of = {tid: t for t in study.trials for tid in t.user_attrs["tune_trial_ids"]}

@@ -131,7 +131,9 @@ def dataset_path(args: argparse.Namespace) -> Path:
 
 def run_main(prog: str, handler: Callable[[], int | None]) -> int:
     """Run a CLI body: user errors become one line on stderr and exit 2; Ctrl-C exits 130."""
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter on every first use
+    # no "creating tables" chatter on a store's first use: MLflow sets its loggers' level from this when imported
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # deterministic cuBLAS reductions: read when cuBLAS starts, so set before any CUDA work (agch.train explains)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
