@@ -391,4 +391,10 @@ def start_parent(tracker: Any, plan: Plan, dataset_tags: dict[str, str]) -> str:
                     "off": [plan.cells[i].label for i in c.off]} for c in plan.comparisons]
     tracker.log_files(parent, {"ablation.yaml": spec.to_dict(), "cells.yaml": cells,
                                "comparisons.yaml": {"comparisons": comparisons}})
+    from agch.tracking import save_view
+
+    k = next(iter(plan.cells.values())).config.topk
+    save_view(tracker, spec.name, f"map{k}_mean",
+              first=[f"metrics.`{m}`" for m in (f"map{k}_i2t", f"map{k}_t2i", "mapall_i2t", "mapall_t2i")],
+              then=["tags.`agch.arm`", "tags.`agch.seed`", "tags.`agch.status`"])
     return parent

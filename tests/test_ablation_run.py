@@ -97,6 +97,7 @@ def test_broken_arm_hurts_identical_arm_has_no_effect_and_mlflow_layout(first_ab
     out = first_ablation
     assert "mAP@50 and mAP@ALL" in out and "32 bits, standard split, validation queries (100 vs 400 database)" in out
     assert "references on the same queries (32 bits): random ranking mAP@50" in out
+    assert "/runs?viewStateShareKey=tiny-broken&workflowType=machine_learning" in out  # the ablation's saved view
     assert out.index("every mAP below: mAP@50 / mAP@ALL, 32 bits, standard split") < out.index("mAP@50 (mean of")
     parents = runs(store, "tags.`agch.kind` = 'ablation'")
     parent = parents[-1].info.run_id  # the oldest: the first ablation
