@@ -176,7 +176,7 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
               then=["metrics.`epoch`", "tags.`agch.status`"] + [f"metrics.`{m}`" for m in ("mapall_mean",)
                                                                 if m not in space.metrics])
     # the study names its objectives with their protocol, short enough for optuna-dashboard's axis labels, and holds
-    # the whole protocol and the MLflow parent run as user attributes; Tune's OptunaSearch then loads it
+    # the whole protocol and the MLflow parent run as user attributes; the searcher loads it
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     direction = {"max": "maximize", "min": "minimize"}[space.mode]
     study = optuna.create_study(study_name=name, storage=storage, directions=[direction] * len(space.metrics))
@@ -246,11 +246,11 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
     from agch import study_search
 
     tracker = open_tracker(ctx.tracking_uri, ctx.experiment)
+    storage = open_storage(state["storage_url"])
     search_alg = study_search.StudySearch(
-        space={p.name: p.distribution() for p in space.parameters}, metric=space.metrics[0] if len(
-            space.metrics) == 1 else space.metrics, mode=space.mode if len(space.metrics) == 1 else [space.mode] * 2,
-        sampler=make_sampler(space), study_name=state["name"], storage=open_storage(state["storage_url"]),
-        seeds=space.seeds, run_link=run_page(tracker, "{}"))
+        space={p.name: p.distribution() for p in space.parameters}, metrics=space.metrics, mode=space.mode,
+        study=optuna.load_study(study_name=state["name"], storage=storage, sampler=make_sampler(space)),
+        storage=storage, seeds=space.seeds, run_link=run_page(tracker, "{}"))
     if listener is not None:
         listener.on_start(state["name"], space, state["protocol"], state["references"])
     interrupted, found = False, None

@@ -261,20 +261,30 @@ def test_live_table_redraws_in_place_on_a_terminal_and_logs_lines_elsewhere() ->
             assert text.rstrip().endswith("[2/8 trials ended]")
 
 
+def make_searcher(space: search_space.SearchSpace, name: str, sampler: object, folder: Path) -> object:
+    """A StudySearch over a new (or the existing) study `name` in folder/optuna.db, as agch.search builds one."""
+    import optuna
+
+    from agch import search, study_search
+
+    storage = search.open_storage(f"sqlite:///{folder / 'optuna.db'}")
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                load_if_exists=True)
+    return study_search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metrics=["map50_mean"],
+                                    mode="max", study=study, storage=storage)
+
+
 def test_a_restored_search_hands_out_first_the_trials_a_killed_driver_had_asked_for(tmp_path: Path) -> None:
     """The driver saved the searcher after trial t1; it asked Optuna for t2 and died. The restored searcher gives
     t2's Optuna trial (same params, same number) to the first trial it is asked for, then asks new ones."""
     import optuna
 
-    from agch import search, study_search
     from agch.trial import TRIAL_NUMBER
 
     space = search_space.load_space("spaces/delta_gamma.yaml")
 
     def searcher() -> object:
-        return study_search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
-                                  mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="s",
-                                  storage=search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+        return make_searcher(space, "s", optuna.samplers.RandomSampler(seed=0), tmp_path)
 
     before = searcher()
     first = before.suggest("t1")
@@ -292,13 +302,10 @@ def test_a_collapsed_trial_is_a_measured_result_for_optuna_and_a_failed_one_is_n
     """TPE ignores FAIL trials: a collapse reported as FAIL would leave it sampling where codes collapse."""
     import optuna
 
-    from agch import search, study_search
     from agch.trial import FINAL
 
     space = search_space.load_space("spaces/delta_gamma.yaml")
-    searcher = study_search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
-                                  mode="max", sampler=optuna.samplers.RandomSampler(seed=0), study_name="c",
-                                  storage=search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    searcher = make_searcher(space, "c", optuna.samplers.RandomSampler(seed=0), tmp_path)
     for trial_id in ("collapsed", "failed", "fine"):
         searcher.suggest(trial_id)
     searcher.on_trial_complete("collapsed", {"map50_mean": 0.31, "epoch": 2, "collapsed": 1.0, FINAL: 1})
@@ -316,14 +323,11 @@ def test_a_used_up_grid_ends_its_last_trials_like_the_others(tmp_path: Path) -> 
     Study.optimize: the error reached Tune, which then recorded the search's last trials as failed."""
     import optuna
 
-    from agch import search, study_search
     from agch.trial import FINAL
 
     space = search_space.load_space(str(write_space(tmp_path, "preset: paper\nsampler: {name: grid}\nparameters:\n"
                                                               "  delta: {choices: [0.1, 1.0]}\n")))
-    searcher = study_search.StudySearch(space={p.name: p.distribution() for p in space.parameters}, metric="map50_mean",
-                                        mode="max", sampler=search_space.make_sampler(space), study_name="g",
-                                        storage=search.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}"))
+    searcher = make_searcher(space, "g", search_space.make_sampler(space), tmp_path)
     deltas = {searcher.suggest(trial_id)["delta"] for trial_id in ("t1", "t2")}  # two at a time: the grid is out
     searcher.on_trial_complete("t1", {"map50_mean": 0.5, "epoch": 1, FINAL: 1})
     searcher.on_trial_complete("t2", {"map50_mean": 0.6, "epoch": 1, FINAL: 1})
@@ -341,22 +345,3 @@ def test_stop_on_collapse_is_a_scheduler_switch_on_by_default(tmp_path: Path) ->
     with pytest.raises(UserError, match=r"line 4: scheduler.stop_on_collapse: must be true or false, got 'no'"):
         search_space.load_space(str(write_space(tmp_path, "preset: paper\nparameters:\n  delta: {low: 0.1, high: 1}\n"
                                                           "scheduler: {name: none, stop_on_collapse: 'no'}\n")))
-
-
-def test_contract_with_the_ray_and_optuna_internals_studysearch_uses(tmp_path: Path) -> None:
-    """agch.study_search.StudySearch reads OptunaSearch's private _ot_study and _ot_trials and builds optuna Trials from
-    their ids. pyproject pins the versions this was tested with; this fails loudly if those internals change."""
-    import optuna
-    from ray.tune.search.optuna import OptunaSearch
-
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    searcher = OptunaSearch(space={"x": optuna.distributions.FloatDistribution(0, 1)}, metric="m", mode="max",
-                            study_name="contract", storage=optuna.storages.RDBStorage(storage))
-    searcher.suggest("t1")
-    assert isinstance(getattr(searcher, "_ot_study", None), optuna.Study), "OptunaSearch._ot_study changed"
-    trials = getattr(searcher, "_ot_trials", None)
-    assert isinstance(trials, dict) and isinstance(trials.get("t1"), optuna.Trial), "OptunaSearch._ot_trials changed"
-    frozen = searcher._ot_study.get_trials(deepcopy=False)[0]
-    assert isinstance(getattr(frozen, "_trial_id", None), int), "optuna FrozenTrial._trial_id changed"
-    again = optuna.Trial(searcher._ot_study, frozen._trial_id)
-    assert again.number == trials["t1"].number == 0 and "x" in again.params
