@@ -33,19 +33,11 @@ def completed(run: Any) -> bool:
 
 def recorded_runs(tracker: Any, dataset_identities: Iterable[str]) -> dict[str, list[Any]]:
     """Completed runs on these datasets in every experiment of the store, by their agch.identity tag."""
-    client = tracker.client
-    experiments = [e.experiment_id for e in client.search_experiments()]
     found: dict[str, list[Any]] = {}
     for identity in dict.fromkeys(dataset_identities):
-        query, token = f"tags.`dataset.identity` = '{identity}'", None
-        while True:
-            page = client.search_runs(experiments, filter_string=query, max_results=1000, page_token=token)
-            for run in page:
-                if "agch.identity" in run.data.tags and completed(run):
-                    found.setdefault(run.data.tags["agch.identity"], []).append(run)
-            token = page.token
-            if not token:
-                break
+        for run in tracker.runs_everywhere(f"tags.`dataset.identity` = '{identity}'"):
+            if "agch.identity" in run.data.tags and completed(run):
+                found.setdefault(run.data.tags["agch.identity"], []).append(run)
     return found
 
 
@@ -63,8 +55,8 @@ def pick_run(runs: list[Any], parent_run_id: str) -> Any:
 
 def interrupted_parent(tracker: Any, plan_identity: str) -> str | None:
     """The parent run of the latest attempt at this plan, when that attempt did not finish."""
-    runs = tracker.client.search_runs([tracker.experiment_id], f"tags.`agch.plan` = '{plan_identity}'",
-                                      max_results=1, order_by=["attributes.start_time DESC"])
+    runs = tracker.runs(f"tags.`agch.plan` = '{plan_identity}'", max_results=1,
+                        order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
 
 
@@ -226,7 +218,7 @@ def run_plan(plan: Plan, paths: dict[str, Path], tracker: Any, start: Any, *, ex
     parent = None if rerun else interrupted_parent(tracker, plan.identity)
     if parent is not None:
         say(f"resuming the interrupted run of this {kind} (MLflow run {parent})")
-        tracker.client.update_run(parent, status="RUNNING")
+        tracker.reopen(parent)
     else:
         parent = start()
     groups_file = storage / f"ablation-{parent}.json"

@@ -97,22 +97,19 @@ def open_source(target: str, tracking_uri: str | None, folder: Path) -> Source:
     if not RUN_ID.fullmatch(target):
         raise UserError(f"'{target}' is neither an existing file nor an MLflow run id (32 hex digits); pass a run "
                         "id that agch-train or an ablation printed, or the path of a codes.npz")
-    from mlflow.exceptions import MlflowException
-
     from agch.tracking import DEFAULT_EXPERIMENT, open_tracker
 
     tracker = open_tracker(tracking_uri, DEFAULT_EXPERIMENT, wait=False)
-    try:
-        run = tracker.client.get_run(target)
-    except MlflowException:
+    run = tracker.find_run(target)
+    if run is None:
         raise UserError(f"unknown run '{target}' in tracking store {tracker.uri}; pass a run id recorded there "
-                        "(--tracking-uri names another store) or the path of a codes.npz") from None
-    names = {a.path for a in tracker.client.list_artifacts(target)}
+                        "(--tracking-uri names another store) or the path of a codes.npz")
+    names = tracker.artifact_names(target)
     if "codes.npz" not in names:
         raise UserError(f"run {target} ('{run.info.run_name}', {run.info.status}) has no codes.npz artifact, so "
                         f"there are no codes to audit (its artifacts: {', '.join(sorted(names)) or 'none'}); audit "
                         "a training run that finished an evaluation (a search's or ablation's parent run has none)")
-    files = {name: Path(tracker.client.download_artifacts(target, name, str(folder)))
+    files = {name: tracker.download(target, name, str(folder))
              for name in ARTIFACTS if name in names}
     return Source(f"run {target}", files, target, dict(run.data.tags))
 

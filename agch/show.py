@@ -94,7 +94,7 @@ def ablation_report(tracker: Any, name: str) -> str:
     parent = _parent(tracker, "ablation", name)
     with tempfile.TemporaryDirectory() as folder:
         try:
-            path = tracker.client.download_artifacts(parent.info.run_id, "results.md", folder)
+            path = tracker.download(parent.info.run_id, "results.md", folder)
         except Exception as err:  # MLflow raises several kinds for a missing artifact
             raise UserError(f"ablation '{name}' (run {parent.info.run_id}) has no results.md yet: it did not finish "
                             f"({type(err).__name__})") from None

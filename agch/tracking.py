@@ -249,13 +249,56 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
 
+    def reopen(self, run_id: str) -> None:
+        """Set a run that an earlier session left KILLED (or RUNNING) back to RUNNING."""
+        self.client.update_run(run_id, status="RUNNING")
+
     def runs(self, filter_string: str, *, max_results: int = 50000, order_by: list[str] | None = None) -> list[Any]:
         """The experiment's runs matching an MLflow filter string."""
         return self.client.search_runs([self.experiment_id], filter_string, max_results=max_results,
                                        order_by=order_by)
 
+    def runs_everywhere(self, filter_string: str) -> list[Any]:
+        """The runs of every experiment of the store matching the filter, page by page."""
+        experiments = [e.experiment_id for e in self.client.search_experiments()]
+        found, token = [], None
+        while True:
+            page = self.client.search_runs(experiments, filter_string=filter_string, max_results=1000,
+                                           page_token=token)
+            found += page
+            token = page.token
+            if not token:
+                return found
+
     def run(self, run_id: str) -> Any:
         return self.client.get_run(run_id)
+
+    def find_run(self, run_id: str) -> Any | None:
+        """The run with this id, or None when the store has none."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException:
+            return None
+
+    def find_trial_run(self, group: str, slot: str) -> Any | None:
+        """The MLflow run of the trial at `slot` (see agch.trial.trial_slot) in `group`, if one was started."""
+        runs = self.runs(f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
+        return runs[0] if runs else None
+
+    def group_runs(self, group: str) -> list[Any]:
+        """Every trial run of `group`, oldest first."""
+        return self.runs(f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` != ''",
+                         order_by=["attributes.start_time ASC"])
+
+    def artifact_names(self, run_id: str) -> set[str]:
+        """The paths of a run's top-level artifacts."""
+        return {a.path for a in self.client.list_artifacts(run_id)}
+
+    def download(self, run_id: str, name: str, folder: str) -> Path:
+        """One artifact of a run, downloaded into `folder`."""
+        return Path(self.client.download_artifacts(run_id, name, folder))
 
     def set_experiment_tag(self, key: str, value: str) -> None:
         self.client.set_experiment_tag(self.experiment_id, key, value)
@@ -357,6 +400,8 @@ class RetryingTracker:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._tracker, name)
+        if name == "client":  # the raw MlflowClient (tests, debugging): its calls retry too
+            return _Retried(value, self._call)
         if not callable(value):
             return value
         return lambda *args, **kwargs: self._call(value, *args, **kwargs)
@@ -378,21 +423,16 @@ class RetryingTracker:
                     raise
                 time.sleep(2.0)
 
-    def reopen(self, run_id: str) -> None:
-        """Set a run that an earlier session left KILLED (or RUNNING) back to RUNNING."""
-        self._call(self._tracker.client.update_run, run_id, status="RUNNING")
 
-    def find_trial_run(self, group: str, slot: str) -> Any | None:
-        """The MLflow run of the trial at `slot` (see trial_slot) in `group`, if one was started."""
-        runs = self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
-                          f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
-        return runs[0] if runs else None
+class _Retried:
+    """An object whose method calls go through RetryingTracker._call."""
 
-    def group_runs(self, group: str) -> list[Any]:
-        """Every child run of `group`, oldest first."""
-        return self._call(self._tracker.client.search_runs, [self._tracker.experiment_id],
-                          f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` != ''", max_results=50000,
-                          order_by=["attributes.start_time ASC"])
+    def __init__(self, target: Any, call: Callable):
+        self._target, self._retry = target, call
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        return (lambda *args, **kwargs: self._retry(value, *args, **kwargs)) if callable(value) else value
 
 
 def redact(url: str) -> str:

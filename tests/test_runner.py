@@ -62,9 +62,12 @@ def test_runs_of_trials_tune_no_longer_knows_are_tagged_lost(tmp_path: Path, tin
     assert [o.trial_id for o in runner.outcomes(ctx)] == ["kept", "errored"]
 
 
-def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("call", ["log_metrics", "group_runs", "client.search_runs"])
+def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path, monkeypatch, call: str) -> None:
     """Another writer holds the database past SQLite's own busy timeout; it lets go only once the tracker has met
-    the lock and backs off (its sleep releases the lock), so nothing here depends on how long anything takes."""
+    the lock and backs off (its sleep releases the lock), so nothing here depends on how long anything takes. The
+    same for a write, a named query and a call through the raw MlflowClient (all MLflow calls go through the
+    adapter's retry)."""
     import types
 
     db = tmp_path / "mlflow.db"
@@ -92,10 +95,16 @@ def test_tracker_calls_wait_out_a_locked_sqlite_store(tmp_path: Path, monkeypatc
     holder = threading.Thread(target=hold_lock)
     holder.start()
     locked.wait()
-    tracker.log_metrics(run_id, {"m": 1.0}, step=0)
+    if call == "log_metrics":
+        tracker.log_metrics(run_id, {"m": 1.0}, step=0)
+    elif call == "group_runs":
+        assert tracker.group_runs("no such group") == []
+    else:
+        assert [r.info.run_id for r in tracker.client.search_runs([tracker.experiment_id])] == [run_id]
     holder.join()
     assert len(backoffs) == 1 and 0 < backoffs[0] <= 4.0  # it met the lock once, backed off, and got through
-    assert Tracker(f"sqlite:///{db}", "locks").client.get_run(run_id).data.metrics == {"m": 1.0}
+    expected = {"m": 1.0} if call == "log_metrics" else {}
+    assert Tracker(f"sqlite:///{db}", "locks").client.get_run(run_id).data.metrics == expected
 
 
 @pytest.mark.slow
