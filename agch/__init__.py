@@ -2,9 +2,9 @@
 
 Public API (imported lazily, so `import agch` is cheap and does nothing):
     Config, preset, apply            — agch.config
-    open_dataset                     — agch.data
-    train, TrainResult, EpochReport  — agch.train
-    evaluate_hashing                 — agch.metrics
+    open_dataset                     — agch.data.dataset
+    train, TrainResult, EpochReport  — agch.method.train
+    evaluate_hashing                 — agch.evaluation.metrics
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Config": "agch.config", "preset": "agch.config", "apply": "agch.config",
-    "open_dataset": "agch.data",
-    "train": "agch.train", "TrainResult": "agch.train", "EpochReport": "agch.train",
-    "evaluate_hashing": "agch.metrics",
+    "open_dataset": "agch.data.dataset",
+    "train": "agch.method.train", "TrainResult": "agch.method.train", "EpochReport": "agch.method.train",
+    "evaluate_hashing": "agch.evaluation.metrics",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

@@ -31,20 +31,20 @@ class Fixes:
     """on: S = C ⊙ D (the paper, Eq. 11); off: S = sim_mix·C + (1 − sim_mix)·D (the paper's ablation AGCH-3,
     the log's starting point). The log bundled the square-root distance and S ← 2S − 1 with this fix; here those
     are the separate options `distance` and `rescale_s` so that this switch measures one change.
-    Implemented in agch.similarity.batch_similarity."""
+    Implemented in agch.method.similarity.batch_similarity."""
     text_input: bool = False
     """on: BatchNorm1d on the sparse bag-of-words input, LeakyReLU instead of ReLU in the text encoder, and
     Kaiming init with gain 2.0 on its first layer (the log: text-code mean rose from 0.013 to 0.095).
-    Implemented in agch.model.TextEncoder.__init__."""
+    Implemented in agch.method.model.TextEncoder.__init__."""
     alignment: bool = False
     """on: adds align_weight · mean((B^v − B^t)²), a direct pull between the same pair's image and text codes
-    (the log measured the pair ~32.9 bits apart at 64 bits). Implemented in agch.losses.agch_loss."""
+    (the log measured the pair ~32.9 bits apart at 64 bits). Implemented in agch.method.losses.agch_loss."""
     quantization: bool = False
     """on: adds quant_weight · mean((|B| − 1)²) over the encoder codes, pushing them toward ±1. Implemented in
-    agch.losses.agch_loss."""
+    agch.method.losses.agch_loss."""
     balance: bool = False
     """on: adds balance_weight · Σ_bits mean_batch(B)², pushing each bit to be +1 half the time (the log:
-    all 500 codes had collapsed to one before it). Implemented in agch.losses.agch_loss."""
+    all 500 codes had collapsed to one before it). Implemented in agch.method.losses.agch_loss."""
 
 
 FIX_NAMES: tuple[str, ...] = tuple(f.name for f in fields(Fixes))
@@ -67,7 +67,7 @@ class Config:
     """evaluate mAP and diagnostics every this many epochs (and always after the last)."""
     save_encoders: bool = True
     """log the trained hash functions (feature norms, image and text encoders; no GCN or fusion) as encoders.pt
-    beside the codes, so that agch-audit can re-encode other splits (agch.tracking.log_result). About 25 MB at the
+    beside the codes, so that agch-audit can re-encode other splits (agch.runs.tracking.log_result). About 25 MB at the
     paper's sizes (text_hidden 4096); turn off for large searches. Not part of a run's identity."""
     seed: int = 0
     """seeds python, numpy and torch before anything random happens (weights, batch order)."""
@@ -82,11 +82,11 @@ class Config:
     gamma_weighting: str = "linear"
     """how γ enters C: 'linear' = Σ_k γ_k cos_k (the paper's text), 'squared' = Z̃Z̃ᵀ (Eq. 10 literally, γ_k²),
     'cosine' = the cosine of the concatenation Z̃ = [γ_v Z̃^v, γ_t Z̃^t], i.e. Σ_k γ_k² cos_k / Σ_k γ_k², which keeps
-    C in [−1, 1] and S_ii = 1 (function `agch.similarity.cosine_and_distance`; docs/trainer.md, "range of S")."""
+    C in [−1, 1] and S_ii = 1 (function `agch.method.similarity.cosine_and_distance`; docs/trainer.md, "range of S")."""
     feature_norm: str = "none"
     """what both modalities' features go through before S and the encoders: 'none' (the paper), 'center'
     (subtract the training split's mean) or 'standardize' (and divide by its std); statistics of the training rows
-    only, carried in the model (`agch.model.FeatureNorm`) so test-time encoding applies the same map."""
+    only, carried in the model (`agch.method.model.FeatureNorm`) so test-time encoding applies the same map."""
     distance: str = "euclidean"
     """dist_ij in D: 'euclidean' = ‖Z̃_i − Z̃_j‖ (matches the paper's worked example S = 0.874), 'sqrt' =
     √‖Z̃_i − Z̃_j‖ (Eq. 12 as printed; the log's choice)."""
@@ -148,7 +148,7 @@ class Config:
     """k of mAP@k (the paper's protocol: 50); mAP@ALL is always computed too."""
     eval_split: str = "test"
     """which queries score the run: 'test' (the dataset's queries against its retrieval set) or 'validation'
-    (queries carved from the retrieval rows, `agch.splits.validation_split`; they leave the training set when they
+    (queries carved from the retrieval rows, `agch.data.splits.validation_split`; they leave the training set when they
     come from it). agch-search and agch-ablate use 'validation' unless told otherwise (--eval-split test)."""
 
     fixes: Fixes = field(default_factory=Fixes)
@@ -337,7 +337,7 @@ def from_flat(flat: dict[str, Any], base: str = "paper") -> Config:
 
 
 TRAINER_VERSION = 2
-"""Bumped whenever agch.train's results for a given config and dataset change (a fix to the losses, the encoders,
+"""Bumped whenever agch.method.train's results for a given config and dataset change (a fix to the losses, the encoders,
 the evaluation, the seeding): part of every run's identity, so runs of an older trainer are never reused."""
 
 
@@ -346,7 +346,7 @@ def identity(config: Config, **context: Any) -> str:
     the dataset.
 
     Two runs with the same identity computed the same thing (given the same precision: see
-    agch.train.precision_of); a recorded run with it can be reused.
+    agch.method.train.precision_of); a recorded run with it can be reused.
     """
     flat = {k: v for k, v in to_flat(config).items() if k not in NON_SCIENTIFIC}
     payload = json.dumps({"config": flat, "trainer": TRAINER_VERSION, "context": context}, sort_keys=True,

@@ -23,7 +23,7 @@ def default_dataset() -> Path:
     """The embedded default dataset (fully synthetic MIRFlickr-like), generated and cached on first use."""
     path = home() / "data" / DEFAULT_DATASET_NAME
     if not path.exists():
-        from agch.synth import build_synthetic_dataset  # only when it must be generated
+        from agch.data.synth import build_synthetic_dataset  # only when it must be generated
 
         print(f"generating the default synthetic MIRFlickr-like dataset at {path} (once)", file=sys.stderr)
         path.parent.mkdir(parents=True, exist_ok=True)

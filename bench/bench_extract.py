@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from agch.backbones import build_backbone
-from agch.extract import extract_features
-from agch.extract_options import BACKBONES
-from agch.train import resolve_device
+from agch.data.backbones import build_backbone
+from agch.data.extract import extract_features
+from agch.data.extract_options import BACKBONES
+from agch.method.train import resolve_device
 
 SIZES = {"MIRFlickr-25K": 20015, "NUS-WIDE": 186577}
 

@@ -1,4 +1,4 @@
-"""Time agch.metrics.evaluate_hashing against the per-query numpy oracle at MIRFlickr-25K or NUS-WIDE size.
+"""Time agch.evaluation.metrics.evaluate_hashing against the per-query numpy oracle at MIRFlickr-25K or NUS-WIDE size.
 
 mirflickr: 2,000 queries x 18,015 database items (the project's standard split), random +-1 codes, the real
 MIRFlickr-25K labels when ../shared/data has them (else random multi-hot labels, and the output says so).
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     sys.path.insert(0, str(REPO_ROOT))  # for tests.map_oracle when run as a script
-    from agch.metrics import evaluate_hashing
-    from agch.splits import make_split
+    from agch.evaluation.metrics import evaluate_hashing
+    from agch.data.splits import make_split
     from tests.map_oracle import oracle_map, oracle_relevance
 
     device = torch.device(args.device)

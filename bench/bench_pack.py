@@ -33,8 +33,8 @@ import torch
 from bench_train import make_file  # bench/ is on sys.path when this runs as a script (and in spawned children)
 
 from agch.config import apply, preset
-from agch.data import open_dataset
-from agch.train import resolve_device, train
+from agch.data.dataset import open_dataset
+from agch.method.train import resolve_device, train
 
 
 def trial(rank: int, path: str, device: str, epochs: int, batch_size: int, threads: int, barrier, results) -> None:

@@ -5,9 +5,9 @@ real command (a subprocess: Ray start-up, MLflow and Optuna stores, checkpoints,
 N δ values (0.01 to 10, log-spaced), one trial at a time with every core, every trial trained to its budget (no
 stop at collapsed codes). A search also trains its chosen settings once more and scores them on the test queries,
 so the loop does the same: a subprocess (this file with --loop) imports the trainer, opens the dataset once, calls
-agch.train.train for the N configs, then once more for the best of them with eval_split=test, without tracking.
+agch.method.train.train for the N configs, then once more for the best of them with eval_split=test, without tracking.
 What a search after a home's first finds in place is made before the timing starts: the random/CCA+ITQ references
-(cached per dataset, agch.baselines) and the MLflow and Optuna stores' tables.
+(cached per dataset, agch.method.baselines) and the MLflow and Optuna stores' tables.
 
     python bench/bench_search.py --trials 8 --epochs 6             # trials of ~30 s on 2 cores
     python bench/bench_search.py --data tiny.h5 --set text_hidden=64 --set gcn_hidden=64
@@ -75,10 +75,10 @@ def main() -> None:
     if args.loop:
         print(json.dumps(run_loop(base, deltas, dataset)))
         return
-    from agch.baselines import reference_scores
-    from agch.data import open_dataset
-    from agch.search import default_storage_url, open_storage
-    from agch.tracking import Tracker
+    from agch.method.baselines import reference_scores
+    from agch.data.dataset import open_dataset
+    from agch.experiments.search import default_storage_url, open_storage
+    from agch.runs.tracking import Tracker
 
     environment = dict(os.environ)
     loop_before, before = plain_loop()
@@ -146,8 +146,8 @@ def run_loop(base, deltas: list[float], dataset: Path) -> dict:
     """The plain loop: train() for each δ, then the best δ once more on the test queries. Returns the time inside
     train() and the epochs' training time (both summed over the N + 1 runs) and the mean trial's train() time."""
     from agch import config as cfg
-    from agch.data import open_dataset
-    from agch.train import train
+    from agch.data.dataset import open_dataset
+    from agch.method.train import train
 
     with open_dataset(dataset) as data:
         results = [train(cfg.apply(base, {"delta": d}), data, device="cpu") for d in deltas]

@@ -25,12 +25,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from agch.config import apply, preset
-from agch.data import open_dataset, write_dataset
-from agch.losses import agch_loss
-from agch.model import AGCH
-from agch.similarity import batch_similarity
-from agch.splits import make_split
-from agch.train import resolve_device, train
+from agch.data.dataset import open_dataset, write_dataset
+from agch.method.losses import agch_loss
+from agch.method.model import AGCH
+from agch.method.similarity import batch_similarity
+from agch.data.splits import make_split
+from agch.method.train import resolve_device, train
 
 
 def matmul_gflops(device: torch.device, n: int = 4096, m: int = 128, repeats: int = 20,

@@ -6,8 +6,8 @@ The anchor (../shared/docs/data.md, "Calibrating the image signal"): AGCH's S un
 distance, S = C * D, 2S - 1) on real MIRFlickr-25K features, as the debugging log measured it on batches of 128:
 correlation with sharing a label 0.29, mean over pairs sharing a label -0.73, over pairs sharing none -0.81. For each
 signal level the script builds the real-labels stand-in (real labels and tags, synthetic images) and prints those
-statistics (agch.diagnostics.dataset_s_statistics: 40 batches of 128 training pairs, seed 0), then reports -- not
-targets -- CCA+ITQ (agch.baselines.cca_itq, fitted on the 5,000 training pairs of the standard split, seed 0),
+statistics (agch.method.diagnostics.dataset_s_statistics: 40 batches of 128 training pairs, seed 0), then reports -- not
+targets -- CCA+ITQ (agch.method.baselines.cca_itq, fitted on the 5,000 training pairs of the standard split, seed 0),
 image-cosine I->I retrieval, and the anchors of the labels and tags (random ranking; tag-cosine T->T: docs/protocol.md
 gives mAP@ALL 0.577, mAP@50 0.774 on the real files). Then the same for the fully synthetic default. Every mAP:
 2,000 queries vs the 18,015-item retrieval set, relevance = at least one shared label.
@@ -23,19 +23,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from agch.baselines import cca_itq
+from agch.method.baselines import cca_itq
 from agch.config import apply, preset
-from agch.data import Dataset, open_dataset
-from agch.diagnostics import dataset_s_statistics
-from agch.metrics import map_at_k, random_ranking_map, relevance
-from agch.synth import DEFAULT_IMAGE_SIGNAL, ImageModel, build_synthetic_dataset
+from agch.data.dataset import Dataset, open_dataset
+from agch.method.diagnostics import dataset_s_statistics
+from agch.evaluation.metrics import map_at_k, random_ranking_map, relevance
+from agch.data.synth import DEFAULT_IMAGE_SIGNAL, ImageModel, build_synthetic_dataset
 
 ANCHOR = {"s_label_corr": 0.29, "s_mean_positive": -0.73, "s_mean_negative": -0.81}
 """The debugging log's S statistics on real MIRFlickr-25K features (debug-log reading, batches of 128)."""
 
 
 def cca_itq_scores(ds: Dataset, bits: int, seed: int) -> dict[str, float]:
-    """agch.baselines.cca_itq on the split's train pairs: mAP of query vs retrieval in both directions, the chosen
+    """agch.method.baselines.cca_itq on the split's train pairs: mAP of query vs retrieval in both directions, the chosen
     ridge and the top canonical correlation."""
     metrics = cca_itq(apply(preset("paper"), {"bits": bits, "seed": seed}), ds).metrics
     return {"ridge": metrics["cca_ridge"], "top canonical corr": metrics["cca_top_corr"],

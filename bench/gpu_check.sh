@@ -93,7 +93,7 @@ step environment "$PYTHON" -c "
 import sys
 sys.path.insert(0, 'bench')
 import numpy, torch
-import agch.train, agch.data, agch.metrics, agch.config, agch.splits, agch.losses, agch.model, agch.similarity
+import agch.method.train, agch.data.dataset, agch.evaluation.metrics, agch.config, agch.data.splits, agch.method.losses, agch.method.model, agch.method.similarity
 import tests.conftest, tests.map_oracle, tests.test_train, tests.test_metrics
 import bench_train, bench_map, bench_pack
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda,

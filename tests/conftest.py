@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agch import config as cfg
-from agch.synth import ImageModel, build_synthetic_dataset
+from agch.data.synth import ImageModel, build_synthetic_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -32,9 +32,9 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for every test that runs trials (starting it takes ~10 s); shut down at the end if started here."""
-    from agch import runner
+    from agch.runs import driver
 
-    started = runner.start_ray(None, {"cpu": 1})
+    started = driver.start_ray(None, {"cpu": 1})
     yield
     if started:
         import ray

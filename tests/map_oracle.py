@@ -1,7 +1,7 @@
 """Per-query numpy reference for the retrieval metrics of docs/protocol.md.
 
 Deliberately simple: one query at a time, a stable argsort, the definitions written out. The vectorised
-`agch.metrics` is tested against this, and bench/bench_map.py times it as the baseline.
+`agch.evaluation.metrics` is tested against this, and bench/bench_map.py times it as the baseline.
 """
 
 from __future__ import annotations

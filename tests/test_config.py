@@ -65,7 +65,7 @@ def test_real_features_preset_is_the_paper_with_the_learning_settings():
 
 
 def test_the_python_the_project_declares_is_the_one_it_needs_and_runs_on():
-    """hashlib.file_digest (agch.importers.file_sha256) needs 3.11; pyproject must not promise less."""
+    """hashlib.file_digest (agch.data.importers.file_sha256) needs 3.11; pyproject must not promise less."""
     import sys
     import tomllib
     from pathlib import Path

@@ -27,7 +27,7 @@ A cell × seed already recorded in the tracking store (same config identity, see
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agch.ablation_spec import DEFAULT_BUDGET, DEFAULT_SEEDS, DESIGNS
+    from agch.experiments.ablation_spec import DEFAULT_BUDGET, DEFAULT_SEEDS, DESIGNS
 
     parser = argparse.ArgumentParser(
         prog="agch-ablate", description="Ablate the debugging log's fixes: each on vs off, same seeds, paired tests.",
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The ablation file (or the default design) with the command line's options layered on top."""
-    from agch.ablation_spec import (DEFAULT_BUDGET, DESIGNS, AblationSpec, Design, check_not_fixed, check_resources,
+    from agch.experiments.ablation_spec import (DEFAULT_BUDGET, DESIGNS, AblationSpec, Design, check_not_fixed, check_resources,
                                     load_spec, resolve_spec_path, toggle_list)
 
     toggled = tuple(cfg.fix_name(f, "--fix") for f in args.fixes if "=" not in f)
@@ -119,9 +119,9 @@ def live_line(label: str, seed: int, metrics: dict[str, Any], topk: int) -> str 
 
 
 def run(argv: list[str] | None) -> int:
-    from agch.ablation import run_ablation
-    from agch.ablation_report import analyse, publish, report_tables
-    from agch.tracking import outage_hint, resolve_uri
+    from agch.experiments.ablation import run_ablation
+    from agch.experiments.ablation_report import analyse, publish, report_tables
+    from agch.runs.tracking import outage_hint, resolve_uri
 
     args = build_parser().parse_args(argv)
     if args.max_concurrent is not None and args.max_concurrent < 1:
@@ -169,7 +169,7 @@ def live_printer(topk: int, say: Callable[[str], None]) -> Callable[[str, int, d
 def report_and_exit(prog: str, result: Any, console: str, artifacts: str, say: Callable[[str], None]) -> int:
     """Print the report and where it is recorded (agch-ablate, agch-table); the exit status: 130 interrupted, 1 when
     a run failed, else 0."""
-    from agch.tracking import open_tracker, ui_hint
+    from agch.runs.tracking import open_tracker, ui_hint
 
     say("\n" + console)
     say(f"\nMLflow: parent run {result.parent_run_id} (experiment {result.experiment}) at {result.tracking_uri}; "
@@ -184,8 +184,8 @@ def report_and_exit(prog: str, result: Any, console: str, artifacts: str, say: C
 
 def show(argv: list[str]) -> int:
     """agch-ablate show NAME [--tracking-uri URI] [--experiment E]: the newest report of ablation NAME."""
-    from agch.show import ablation_report
-    from agch.tracking import open_tracker, ui_hint
+    from agch.experiments.results import ablation_report
+    from agch.runs.tracking import open_tracker, ui_hint
 
     parser = argparse.ArgumentParser(prog="agch-ablate show", description=show.__doc__)
     parser.add_argument("name", help="the ablation's name (its file's name:, or fix-NAME / toggle-KEY)")

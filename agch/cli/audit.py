@@ -1,4 +1,4 @@
-"""agch-audit: one run's codes re-scored under every protocol the project knows (agch.audit)."""
+"""agch-audit: one run's codes re-scored under every protocol the project knows (agch.experiments.audit)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(argv: list[str] | None) -> int:
-    from agch.audit import run_audit
-    from agch.train import resolve_device
+    from agch.experiments.audit import run_audit
+    from agch.method.train import resolve_device
 
     args = build_parser().parse_args(argv)
     resolve_device(args.device)  # a bad --device fails before anything is read

@@ -135,7 +135,7 @@ def run_main(prog: str, handler: Callable[[], int | None]) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # deterministic cuBLAS reductions: read when cuBLAS starts, so set before any CUDA work (agch.train explains)
+    # deterministic cuBLAS reductions: read when cuBLAS starts, so set before any CUDA work (agch.method.train explains)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     try:
         return handler() or 0

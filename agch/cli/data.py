@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from agch.errors import UserError
-from agch.splits import SPLIT_PROTOCOLS
+from agch.data.splits import SPLIT_PROTOCOLS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -54,7 +54,7 @@ def _synth_options(parser: argparse.ArgumentParser) -> None:
 def _run_synth(args: argparse.Namespace) -> int:
     if (args.labels is None) != (args.tags is None):
         args.parser.error("--labels and --tags go together (real labels and tags, synthetic image features)")
-    from agch.synth import ImageModel, build_synthetic_dataset
+    from agch.data.synth import ImageModel, build_synthetic_dataset
 
     image = ImageModel(dim=args.image_dim, **({} if args.image_signal is None else {"signal": args.image_signal}))
     path = build_synthetic_dataset(args.out, seed=args.seed, labels_path=args.labels, tags_path=args.tags, n=args.n,
@@ -77,7 +77,7 @@ def _import_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
-    from agch.importers import import_mat
+    from agch.data.importers import import_mat
 
     path = import_mat(args.files, args.out, image_key=args.image_key, text_key=args.text_key,
                       label_key=args.label_key, train_keys=args.train_keys, test_keys=args.test_keys,
@@ -87,7 +87,7 @@ def _run_import(args: argparse.Namespace) -> int:
 
 
 def _extract_options(parser: argparse.ArgumentParser) -> None:
-    from agch.extract_options import BACKBONES, DTYPES, PRECISIONS, RAW_KEY
+    from agch.data.extract_options import BACKBONES, DTYPES, PRECISIONS, RAW_KEY
 
     parser.add_argument("images", type=Path, help=f"MATLAB v7.3 file of raw images (key {RAW_KEY}), or a folder of "
                                                   "image files (with --list)")
@@ -115,7 +115,7 @@ def _extract_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from agch.extract import extract_features
+    from agch.data.extract import extract_features
 
     result = extract_features(args.images, args.out, backbone=args.backbone, weights=args.weights,
                               random_weights=args.random_weights, seed=args.seed, key=args.key,
@@ -178,8 +178,8 @@ def _key_list(text: str) -> list[str]:
 
 
 def _print_info(path: Path, *, as_json: bool) -> int:
-    from agch.data import open_dataset
-    from agch.data_summary import summarize
+    from agch.data.dataset import open_dataset
+    from agch.data.summary import summarize
 
     with open_dataset(path) as ds:
         summary = summarize(ds)
@@ -188,7 +188,7 @@ def _print_info(path: Path, *, as_json: bool) -> int:
 
 
 def format_summary(s: dict[str, Any]) -> list[str]:
-    """The human-readable lines of `agch.data_summary.summarize`'s dict."""
+    """The human-readable lines of `agch.data.summary.summarize`'s dict."""
     split, tags, shared, chance = s["split"], s["tags"], s["shared_label_rate"], s["random_ranking"]
     seed = f"seed {split['seed']}" if split["seed"] >= 0 else "not seeded"
     synthetic = "; ".join(f"{part}: {how}" for part, how in s["synthetic"].items()) or "none (all parts real)"

@@ -68,7 +68,7 @@ class LiveTable:
         self.drawn = 0  # a table drawn before stays above this line
 
     def on_start(self, name: str, space: Any, protocol: str, references: dict[str, float]) -> None:
-        from agch.baselines import describe_references
+        from agch.method.baselines import describe_references
 
         self.metric, self.mode, self.names = space.metrics[0], space.mode, [p.name for p in space.parameters]
         self.total, self.epochs = space.trials * space.seeds, space.epochs
@@ -107,7 +107,7 @@ class LiveTable:
 
     def _name(self, trial_id: str) -> str:
         """The trial's name, t<Optuna trial number>, as in its MLflow run's name (Ray's id when it has none)."""
-        from agch.trial import TRIAL_NUMBER
+        from agch.runs.trial import TRIAL_NUMBER
 
         number = self.rows[trial_id]["params"].get(TRIAL_NUMBER)
         return trial_id if number is None else f"t{number}"
@@ -188,7 +188,7 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from agch.space import load_space
+    from agch.experiments.search_space import load_space
 
     space = load_space(args.space)
     print(f"{space.source}: ok: {', '.join(p.name for p in space.parameters)} by {space.sampler}, "
@@ -197,8 +197,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agch import search
-    from agch.space import load_space
+    from agch.experiments import search
+    from agch.experiments.search_space import load_space
 
     data = args.data.expanduser().resolve() if args.data else None
     preset, overrides = _overrides(args)
@@ -210,7 +210,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    from agch import search
+    from agch.experiments import search
 
     return _report(lambda table: search.resume(args.name, ray_address=args.ray_address, verbose=args.verbose,
                                                listener=table))
@@ -229,8 +229,8 @@ def _report(drive: Any) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from agch.show import search_table
-    from agch.tracking import open_tracker, ui_hint
+    from agch.experiments.results import search_table
+    from agch.runs.tracking import open_tracker, ui_hint
 
     tracker = open_tracker(args.tracking_uri, args.experiment, wait=False)
     print(search_table(tracker, args.name))

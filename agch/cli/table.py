@@ -1,4 +1,4 @@
-"""agch-table: the paper's Table II layout for a preset on a dataset, beside the published numbers (agch.table)."""
+"""agch-table: the paper's Table II layout for a preset on a dataset, beside the published numbers (agch.experiments.paper_table)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ A cell × seed already recorded in the tracking store (same config identity, see
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from agch.ablation_spec import DEFAULT_SEEDS
-    from agch.table import DEFAULT_BITS
+    from agch.experiments.ablation_spec import DEFAULT_SEEDS
+    from agch.experiments.paper_table import DEFAULT_BITS
 
     parser = argparse.ArgumentParser(
         prog="agch-table", description="The paper's Table II for a preset: I->T and T->I by code length, mean ± std "
@@ -52,7 +52,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 
 def settings_from_args(args: argparse.Namespace) -> tuple[str, cfg.Config, tuple[int, ...], Any]:
     """(preset, base config, bits, trial spec) from the command line; every bad input is a UserError here."""
-    from agch.ablation_spec import DEFAULT_RESOURCES, AblationSpec, check_resources
+    from agch.experiments.ablation_spec import DEFAULT_RESOURCES, AblationSpec, check_resources
 
     preset, layers = config_layers(args, seed=False)
     preset = preset or "paper"
@@ -78,8 +78,8 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, cfg.Config, tuple
 
 def run(argv: list[str] | None) -> int:
     from agch.cli.ablate import live_printer, report_and_exit
-    from agch.table import publish, report_tables, run_table
-    from agch.tracking import outage_hint, resolve_uri
+    from agch.experiments.paper_table import publish, report_tables, run_table
+    from agch.runs.tracking import outage_hint, resolve_uri
 
     args = build_parser().parse_args(argv)
     preset, base, bits, spec = settings_from_args(args)

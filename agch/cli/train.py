@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe(metrics: dict[str, float], protocol: dict, k: int) -> str:
     """The headline figures with their full protocol (docs/protocol.md)."""
-    from agch.protocol import describe_protocol
+    from agch.evaluation.protocol import describe_protocol
 
     return (f"mAP@{k}: I->T {metrics[f'map{k}_i2t']:.4f}  T->I {metrics[f'map{k}_t2i']:.4f} | "
             f"mAP@ALL: I->T {metrics['mapall_i2t']:.4f}  T->I {metrics['mapall_t2i']:.4f}  "
@@ -35,10 +35,10 @@ def run(argv: list[str] | None) -> int:
     from tqdm import tqdm
 
     from agch.config import to_flat
-    from agch.data import open_dataset
-    from agch.protocol import describe_protocol, protocol_of
-    from agch.tracking import Tracker, run_tags
-    from agch.train import resolve_device, train
+    from agch.data.dataset import open_dataset
+    from agch.evaluation.protocol import describe_protocol, protocol_of
+    from agch.runs.tracking import Tracker, run_tags
+    from agch.method.train import resolve_device, train
 
     args = build_parser().parse_args(argv)
     preset, config = config_from_args(args)
@@ -54,7 +54,7 @@ def run(argv: list[str] | None) -> int:
         print(f"agch-train: mAP@{config.topk}(mean) below = mean of I->T and T->I, "
               f"{describe_protocol(protocol_of(config, data))}", file=sys.stderr)
         if args.method == "cca-itq":
-            from agch.baselines import cca_itq
+            from agch.method.baselines import cca_itq
 
             result = cca_itq(config, data)
             return _report(result, config, tracker, run_id, args.experiment)
@@ -85,7 +85,7 @@ def run(argv: list[str] | None) -> int:
 
 def _report(result, config, tracker, run_id: str | None, experiment: str) -> int:
     """Record the result (when tracking), print the headline figures with their protocol; the exit status."""
-    from agch.tracking import log_result
+    from agch.runs.tracking import log_result
 
     if tracker is not None:
         log_result(tracker, run_id, config, result)
