@@ -61,7 +61,7 @@ def test_real_features_preset_is_the_paper_with_the_learning_settings():
     paper, real = cfg.preset("paper"), cfg.preset("real-features")
     assert (real.feature_norm, real.optimizer, real.image_hidden) == ("standardize", "adam", 256)
     assert real.fixes == paper.fixes and real.rho == paper.rho and real.bits == paper.bits
-    assert set(cfg.PRESETS) == {"paper", "debug-log", "real-features"}
+    assert set(cfg.PRESETS) == {"paper", "debug-log", "real-features", "plain-s"}
 
 
 def test_the_python_the_project_declares_is_the_one_it_needs_and_runs_on():
