@@ -119,6 +119,10 @@ class Config:
     """δ, weight of the GCN loss L2."""
     loss_reduction: str = "mean"
     """'mean' averages each ‖·‖²_F over its entries, 'sum' sums them (changes the effective learning rate)."""
+    per_sample_codes: bool = False
+    """with 'mean': the code-difference terms (λ's ‖B^k − B^h‖², L2's ‖B^g − B^k‖²) are averaged over the m samples,
+    each a squared distance of unit codes, not over the m·c entries, so that their weight does not fall as 1/c with
+    the code length (docs/findings.md). Implemented in agch.losses.agch_loss."""
     align_weight: float = 1.0
     """weight of the alignment fix's term."""
     quant_weight: float = 0.1
@@ -174,7 +178,7 @@ choose settings, so they score on validation queries, never on the test queries 
 NON_SCIENTIFIC = frozenset({"eval_every", "save_encoders"})
 # Fields added after runs were recorded, off by default: part of the identity only when on, so that the runs recorded
 # before they existed (which computed exactly the default) are still recognised and reused.
-ADDED_SWITCHES = frozenset({"no_d", "no_c", "no_fusion", "no_gcn"})
+ADDED_SWITCHES = frozenset({"no_d", "no_c", "no_fusion", "no_gcn", "per_sample_codes"})
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "gamma_weighting": ("linear", "squared", "cosine"),

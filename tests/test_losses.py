@@ -49,3 +49,21 @@ def test_fixes_off_add_no_terms_and_normalisation_is_per_sample() -> None:
     terms = agch_loss(codes, torch.tensor(S), config)
     assert set(terms) == {"l1", "l2", "l3", "total"}
     assert float(terms["l1"]) == pytest.approx(5.5)
+
+
+def test_per_sample_code_terms_do_not_depend_on_the_code_length() -> None:
+    """Repeating every bit doubles the code length and leaves every inner product and squared distance of the
+    normalised codes as it was: with per_sample_codes every term stays, without it the code-difference terms halve."""
+    codes = Codes(*(torch.tensor(x) for x in (V, T, H, GV, GT)))
+    doubled = Codes(*(torch.cat([x, x], dim=1) for x in (codes.v, codes.t, codes.h, codes.gv, codes.gt)))
+    for per_sample in (False, True):
+        config = cfg.apply(cfg.preset("paper"), {"beta": 0, "lam": 1.0, "per_sample_codes": per_sample})
+        short, long = (agch_loss(c, torch.tensor(S), config) for c in (codes, doubled))
+        assert float(long["l1"]) == pytest.approx(float(short["l1"]))
+        ratio = float(long["l3"]) / float(short["l3"])
+        assert ratio == pytest.approx(1.0 if per_sample else 0.5)
+    # by hand, per sample: |V - H|^2 = 0 and |T - H|^2 = 2 over 2 rows; L2's |Gt - T|^2 = 4 over 2 rows
+    config = cfg.apply(cfg.preset("paper"), {"beta": 0, "lam": 1.0, "per_sample_codes": True})
+    terms = agch_loss(codes, torch.tensor(S), config)
+    assert float(terms["l3"]) == pytest.approx(1.0)
+    assert float(terms["l2"]) == pytest.approx(9.0 / 4 - 4.0 / 4 + 2.0 - 0.0)
