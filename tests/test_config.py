@@ -61,7 +61,14 @@ def test_real_features_preset_is_the_paper_with_the_learning_settings():
     paper, real = cfg.preset("paper"), cfg.preset("real-features")
     assert (real.feature_norm, real.optimizer, real.image_hidden) == ("standardize", "adam", 256)
     assert real.fixes == paper.fixes and real.rho == paper.rho and real.bits == paper.bits
-    assert set(cfg.PRESETS) == {"paper", "debug-log", "real-features"}
+    assert set(cfg.PRESETS) == {"paper", "debug-log", "real-features", "real-features-per-sample", "plain-s"}
+
+
+def test_real_features_per_sample_is_real_features_with_per_sample_code_terms_and_their_weights():
+    real, per_sample = cfg.to_flat(cfg.preset("real-features")), cfg.to_flat(cfg.preset("real-features-per-sample"))
+    assert {k for k in real if real[k] != per_sample[k]} == {"per_sample_codes", "lam", "delta"}
+    assert per_sample["per_sample_codes"] and per_sample["lam"] < real["lam"] and per_sample["delta"] < real["delta"]
+    assert cfg.identity(cfg.preset("real-features-per-sample")) != cfg.identity(cfg.preset("real-features"))
 
 
 def test_the_python_the_project_declares_is_the_one_it_needs_and_runs_on():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agch.method.baselines import METHODS
 from agch.cli.common import add_common_options, config_from_args, dataset_path, run_main
 
 
@@ -13,9 +14,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="agch-train", description="Train AGCH once and log it to MLflow.",
         epilog="example: agch-train --preset paper --set delta=1.0 --fix alignment=on --seed 1")
     add_common_options(parser)
-    parser.add_argument("--method", choices=("agch", "cca-itq"), default="agch",
-                        help="agch (default), or the CCA+ITQ reference scored the same way (uses only bits, seed, "
-                             "topk and eval_split of the config)")
+    parser.add_argument("--method", choices=METHODS, default="agch",
+                        help="agch (default), or a reference scored the same way, which uses only bits, seed, topk "
+                             "and eval_split of the config: cca-itq (CCA + ITQ) or plain-s (AGCH's S driving two MLP "
+                             "encoders, no GCN or fusion: the plain-s preset)")
     parser.add_argument("--experiment", default="agch", help="MLflow experiment name (default agch)")
     parser.add_argument("--run-name", default=None, help="MLflow run name (default: preset-bits-seed)")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (print only)")
@@ -42,6 +44,10 @@ def run(argv: list[str] | None) -> int:
 
     args = build_parser().parse_args(argv)
     preset, config = config_from_args(args)
+    if args.method == "plain-s":
+        from agch.method.baselines import plain_s_config
+
+        config = plain_s_config(config)  # then trained and logged like any AGCH run
     device = str(resolve_device(args.device))  # every user error is found before anything is recorded
     with open_dataset(dataset_path(args)) as data:
         tracker = None if args.no_tracking else Tracker(args.tracking_uri, args.experiment)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from agch.config import Config
+from agch.config import Config, apply, preset
 from agch.data.dataset import Dataset
 from agch.data.splits import evaluation_split
 
@@ -29,8 +29,10 @@ from agch.data.splits import evaluation_split
 if TYPE_CHECKING:
     from agch.method.train import TrainResult
 
-METHODS = ("agch", "cca-itq")
-"""What agch-train can run: the AGCH trainer, or the CCA + ITQ reference."""
+METHODS = ("agch", "cca-itq", "plain-s")
+"""What agch-train can run: the AGCH trainer, the CCA + ITQ reference, or the plain-S reference (plain_s_config)."""
+REFERENCE_FIELDS = ("bits", "seed", "topk", "eval_split", "eval_every", "save_encoders")
+"""The only settings of a run's config that a reference method takes: code length, seed and what is scored."""
 RIDGES = (1e-3, 0.01, 0.1, 0.3, 1.0, 3.0, 10.0)
 """CCA ridge candidates, times the mean feature variance."""
 ITQ_ITERATIONS = 50
@@ -141,6 +143,19 @@ def cca_itq(config: Config, data: Dataset) -> TrainResult:
         out[f"labels_{stem}"], out[f"index_{stem}"] = data.labels[idx], idx
     return TrainResult(status="finished", metrics=metrics, protocol=protocol, epochs_run=0,
                        seconds=time.perf_counter() - started, device="cpu", codes=out, curves=curves)
+
+
+def plain_s_config(config: Config) -> Config:
+    """The plain-S reference at config's REFERENCE_FIELDS: the `plain-s` preset (agch.config.PRESETS), AGCH's own S
+    driving two one-hidden-layer MLP encoders without GCN or fusion. It trains with agch.method.train.train, so its results
+    carry the trainer's metric names, protocol and logging.
+
+    Example:
+        >>> reference = plain_s_config(apply(preset("real-features"), {"bits": 128}))
+        >>> reference.bits, reference.no_gcn, reference.batch_size
+        (128, True, 128)
+    """
+    return apply(preset("plain-s"), {key: getattr(config, key) for key in REFERENCE_FIELDS}, where="plain-s")
 
 
 REFERENCE_VERSION = 1

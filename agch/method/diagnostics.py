@@ -85,17 +85,20 @@ def model_probes(model: AGCH, zv: torch.Tensor, zt: torch.Tensor, config: Config
     model.eval()
     codes = model(zv, zt, adjacency)
     model.train(was_training)
-    weights = [p for n, p in model.named_parameters() if n.startswith("gcn_") and n.endswith("weight")]
-    return {
+    out = {
         "code_abs_mean_image": float(codes.v.abs().mean()),
         "code_abs_mean_text": float(codes.t.abs().mean()),
         # what the alignment and balance fixes act on: relaxed codes, before sign()
         "pair_sq_diff": float((codes.v - codes.t).square().mean()),
         "raw_bit_balance": float((codes.v.mean(dim=0).abs().mean() + codes.t.mean(dim=0).abs().mean()) / 2),
-        "gcn_weight_std": float(torch.stack([w.std() for w in weights]).mean()),
-        "sign_agree_h_gv": float(((codes.h >= 0) == (codes.gv >= 0)).float().mean()),
-        "sign_agree_h_gt": float(((codes.h >= 0) == (codes.gt >= 0)).float().mean()),
     }
+    weights = [p for n, p in model.named_parameters() if n.startswith("gcn_") and n.endswith("weight")]
+    if weights:  # the GCN and fusion probes only for the modules present (config.no_gcn, no_fusion)
+        out["gcn_weight_std"] = float(torch.stack([w.std() for w in weights]).mean())
+    if codes.h is not None and codes.gv is not None:
+        out["sign_agree_h_gv"] = float(((codes.h >= 0) == (codes.gv >= 0)).float().mean())
+        out["sign_agree_h_gt"] = float(((codes.h >= 0) == (codes.gt >= 0)).float().mean())
+    return out
 
 
 def is_collapsed(stats: dict[str, float]) -> bool:

@@ -109,13 +109,14 @@ ENCODER_MODULES = ("norm", "image", "text")
 
 @dataclass
 class Codes:
-    """The five relaxed code matrices of one batch, each (m, c), before L2 normalisation."""
+    """The five relaxed code matrices of one batch, each (m, c), before L2 normalisation; h is None without the
+    fusion module (config.no_fusion), gv and gt without the GCN modules (config.no_gcn)."""
 
     v: torch.Tensor
     t: torch.Tensor
-    h: torch.Tensor
-    gv: torch.Tensor
-    gt: torch.Tensor
+    h: torch.Tensor | None
+    gv: torch.Tensor | None
+    gt: torch.Tensor | None
 
 
 class AGCH(nn.Module):
@@ -127,25 +128,29 @@ class AGCH(nn.Module):
         self.norm = nn.ModuleDict({"image": FeatureNorm(image_dim), "text": FeatureNorm(text_dim)})
         self.image = ImageEncoder(image_dim, config)
         self.text = TextEncoder(text_dim, config)
-        self.fusion = nn.Linear(self.image.feature_dim + self.text.feature_dim, config.bits)
-        self.gcn_image = GCNModule(self.image.feature_dim, config)
-        self.gcn_text = GCNModule(self.text.feature_dim, config)
+        # the paper's component ablation: without them the modules do not exist (no parameters, no output)
+        self.fusion = (None if config.no_fusion
+                       else nn.Linear(self.image.feature_dim + self.text.feature_dim, config.bits))
+        self.gcn_image = None if config.no_gcn else GCNModule(self.image.feature_dim, config)
+        self.gcn_text = None if config.no_gcn else GCNModule(self.text.feature_dim, config)
 
     def forward(self, zv: torch.Tensor, zt: torch.Tensor, adjacency: torch.Tensor) -> Codes:
         fv, bv = self.image(zv)
         ft, bt = self.text(zt)
-        bh = torch.tanh(self.fusion(torch.cat([fv, ft], dim=1)))  # o^h = concat(f^v, f^t) → FC → tanh
-        adj_norm = normalized_adjacency(adjacency)
-        return Codes(v=bv, t=bt, h=bh, gv=self.gcn_image(fv, adj_norm), gt=self.gcn_text(ft, adj_norm))
+        codes = Codes(v=bv, t=bt, h=None, gv=None, gt=None)
+        if self.fusion is not None:
+            codes.h = torch.tanh(self.fusion(torch.cat([fv, ft], dim=1)))  # o^h = concat(f^v, f^t) → FC → tanh
+        if self.gcn_image is not None:
+            adj_norm = normalized_adjacency(adjacency)
+            codes.gv, codes.gt = self.gcn_image(fv, adj_norm), self.gcn_text(ft, adj_norm)
+        return codes
 
     def parameter_groups(self, config: Config) -> list[dict]:
-        """Optimizer groups with the per-module learning rates (the paper's by default)."""
-        return [
-            {"params": self.image.parameters(), "lr": config.lr_image},
-            {"params": self.text.parameters(), "lr": config.lr_text},
-            {"params": list(self.gcn_image.parameters()) + list(self.gcn_text.parameters()), "lr": config.lr_gcn},
-            {"params": self.fusion.parameters(), "lr": config.lr_fusion},
-        ]
+        """Optimizer groups with the per-module learning rates (the paper's by default), for the modules present."""
+        groups = [(config.lr_image, [self.image]), (config.lr_text, [self.text]),
+                  (config.lr_gcn, [self.gcn_image, self.gcn_text]), (config.lr_fusion, [self.fusion])]
+        return [{"params": [p for m in modules for p in m.parameters()], "lr": lr}
+                for lr, modules in groups if modules[0] is not None]
 
     def encoder_state(self) -> dict[str, torch.Tensor]:
         """The weights and buffers `encode` uses (ENCODER_MODULES), copied to the CPU: the test-time hash functions."""

@@ -39,11 +39,15 @@ def cosine_and_distance(zv: torch.Tensor, zt: torch.Tensor, config: Config) -> t
 def batch_similarity(zv: torch.Tensor, zt: torch.Tensor, config: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (S for the code losses, adjacency Ã for the GCN), both (m, m).
 
-    S = C ⊙ D (fix `similarity` on) or sim_mix·C + (1 − sim_mix)·D (off, AGCH-3); then S ← 2S − 1 when
-    `rescale_s`. The GCN sees S before the rescale unless `gcn_adjacency == 'after'`.
+    S = C ⊙ D (fix `similarity` on) or sim_mix·C + (1 − sim_mix)·D (off, AGCH-3), or C alone (`no_d`, AGCH-1) or
+    D alone (`no_c`, AGCH-2); then S ← 2S − 1 when `rescale_s`. The GCN sees S before the rescale unless
+    `gcn_adjacency == 'after'`.
     """
     c, d = cosine_and_distance(zv, zt, config)
-    raw = c * d if config.fixes.similarity else config.sim_mix * c + (1 - config.sim_mix) * d
+    if config.no_d or config.no_c:
+        raw = c if config.no_d else d
+    else:
+        raw = c * d if config.fixes.similarity else config.sim_mix * c + (1 - config.sim_mix) * d
     s = 2 * raw - 1 if config.rescale_s else raw
     adjacency = s if config.gcn_adjacency == "after" else raw
     return s, adjacency

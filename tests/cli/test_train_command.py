@@ -75,6 +75,21 @@ def test_config_file_is_accepted_and_logged_config_round_trips(tiny_dataset, tmp
     assert run2.data.metrics["map50_i2t"] == run.data.metrics["map50_i2t"]  # same seed, same device
 
 
+def test_plain_s_method_trains_the_reference_and_logs_its_own_config(tiny_dataset, tmp_path, capsys):
+    uri = _store(tmp_path)
+    assert main(["--data", str(tiny_dataset), "--method", "plain-s", "--preset", "real-features", "--set", "bits=16",
+                 "--set", "gamma_v=0.3", "--seed", "1", "--tracking-uri", uri, "--device", "cpu"]) == 0
+    assert "mAP@ALL: I->T" in capsys.readouterr().out
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("agch").experiment_id])
+    assert run.data.tags["agch.method"] == "plain-s" and run.data.tags["mlflow.runName"] == "plain-s-16bit-seed1"
+    params = run.data.params
+    assert (params["no_gcn"], params["no_fusion"], params["gamma_v"], params["batch_size"]) == ("True", "True", "1.0",
+                                                                                                 "128")
+    assert (params["bits"], params["seed"]) == ("16", "1")
+    assert len(client.get_metric_history(run.info.run_id, "loss_total")) == 60 and "mapall_t2i" in run.data.metrics
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "papr"], "unknown preset 'papr' (did you mean 'paper'?)"),
     (["--fix", "alignmnt=on"], "unknown fix 'alignmnt' (did you mean 'alignment'?)"),

@@ -49,3 +49,35 @@ def test_fixes_off_add_no_terms_and_normalisation_is_per_sample() -> None:
     terms = agch_loss(codes, torch.tensor(S), config)
     assert set(terms) == {"l1", "l2", "l3", "total"}
     assert float(terms["l1"]) == pytest.approx(5.5)
+
+
+def test_per_sample_code_terms_do_not_depend_on_the_code_length() -> None:
+    """Repeating every bit doubles the code length and leaves every inner product and squared distance of the
+    normalised codes as it was: with per_sample_codes every term stays, without it the code-difference terms halve."""
+    codes = Codes(*(torch.tensor(x) for x in (V, T, H, GV, GT)))
+    doubled = Codes(*(torch.cat([x, x], dim=1) for x in (codes.v, codes.t, codes.h, codes.gv, codes.gt)))
+    for per_sample in (False, True):
+        config = cfg.apply(cfg.preset("paper"), {"beta": 0, "lam": 1.0, "per_sample_codes": per_sample})
+        short, long = (agch_loss(c, torch.tensor(S), config) for c in (codes, doubled))
+        assert float(long["l1"]) == pytest.approx(float(short["l1"]))
+        ratio = float(long["l3"]) / float(short["l3"])
+        assert ratio == pytest.approx(1.0 if per_sample else 0.5)
+    # by hand, per sample: |V - H|^2 + |T - H|^2 = 0 + 2 over 2 rows; L2's similarity terms stay means over the 4
+    # entries, its code terms |Gv - V|^2 + |Gt - T|^2 = 0 + 4 are over 2 rows
+    config = cfg.apply(cfg.preset("paper"), {"beta": 0, "lam": 1.0, "per_sample_codes": True})
+    terms = agch_loss(codes, torch.tensor(S), config)
+    assert float(terms["l3"]) == pytest.approx((0.0 + 2.0) / 2)
+    assert float(terms["l2"]) == pytest.approx((0.5 + 4.5) / 4 + (0.0 + 4.0) / 2)
+
+
+def test_per_sample_code_terms_are_the_entrywise_means_times_the_code_length() -> None:
+    """So real-features' λ 6 at 16 bits is λ 6 / 16 = 0.375 in per-sample units (the real-features-per-sample
+    preset's comment): without GCN, where δ weighs nothing else, the two losses are then the same."""
+    generator = torch.Generator().manual_seed(0)
+    codes = Codes(*(torch.randn(8, 16, generator=generator) for _ in range(3)), None, None)
+    s = 2 * torch.rand(8, 8, generator=generator) - 1
+    entrywise = cfg.apply(cfg.preset("real-features"), {"bits": 16, "no_gcn": True})
+    per_sample = cfg.apply(entrywise, {"per_sample_codes": True, "lam": entrywise.lam / 16})
+    expected = float(agch_loss(codes, s, entrywise)["total"])
+    assert float(agch_loss(codes, s, per_sample)["total"]) == pytest.approx(expected)
+    assert float(agch_loss(codes, s, cfg.apply(per_sample, {"lam": entrywise.lam}))["total"]) > expected
