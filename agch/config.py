@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field, fields
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ class Config:
     """evaluate mAP and diagnostics every this many epochs (and always after the last)."""
     save_encoders: bool = True
     """log the trained hash functions (feature norms, image and text encoders; no GCN or fusion) as encoders.pt
-    beside the codes, so that agch-audit can re-encode other splits (agch.runs.tracking.log_result). About 25 MB at the
+    beside the codes, so that agch-audit can re-encode other splits (agch.runs.record.log_result). About 25 MB at the
     paper's sizes (text_hidden 4096); turn off for large searches. Not part of a run's identity."""
     seed: int = 0
     """seeds python, numpy and torch before anything random happens (weights, batch order)."""
@@ -387,7 +388,31 @@ def to_flat(config: Config) -> dict[str, Any]:
 
 def from_flat(flat: dict[str, Any], base: str = "paper") -> Config:
     """Inverse of to_flat (values may be strings, as MLflow returns them)."""
-    return apply(preset(base), flat)
+    return layered(base, [Layer(flat, "")])
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One source of settings: config keys (flat, `fixes.<name>`, or a `fixes` mapping) and where they come from,
+    which errors name (a file and its key, `--set`, `trial params`)."""
+
+    values: dict[str, Any]
+    where: str
+
+
+def layered(preset_name: str, layers: Iterable[Layer] = ()) -> Config:
+    """The one layering of settings: the preset, then each layer in order, a later one winning key by key, each
+    validated as it is applied. Every command (preset → file → --set → --fix → --seed, agch.cli.common), every
+    search-space and ablation file, every trial and a search's test run build their configs with it."""
+    config = preset(preset_name)
+    for layer in layers:
+        config = apply(config, layer.values, where=layer.where)
+    return config
+
+
+def layered_keys(layers: Iterable[Layer]) -> dict[str, Any]:
+    """The layers' keys merged in order (later wins), `fixes` spelled as `fixes.<name>`: what they set."""
+    return {k: v for layer in layers for k, v in flat_overrides(layer.values, layer.where).items()}
 
 
 TRAINER_VERSION = 2

@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from agch.data.backbones import build_backbone
 from agch.data.extract import extract_features
 from agch.data.extract_options import BACKBONES
-from agch.method.train import resolve_device
+from agch.method.device import resolve_device
 
 SIZES = {"MIRFlickr-25K": 20015, "NUS-WIDE": 186577}
 

@@ -34,7 +34,8 @@ from bench_train import make_file  # bench/ is on sys.path when this runs as a s
 
 from agch.config import apply, preset
 from agch.data.dataset import open_dataset
-from agch.method.train import resolve_device, train
+from agch.method.device import resolve_device
+from agch.method.train import train
 
 
 def trial(rank: int, path: str, device: str, epochs: int, batch_size: int, threads: int, barrier, results) -> None:

@@ -30,7 +30,8 @@ from agch.method.losses import agch_loss
 from agch.method.model import AGCH
 from agch.method.similarity import batch_similarity
 from agch.data.splits import make_split
-from agch.method.train import resolve_device, train
+from agch.method.device import resolve_device
+from agch.method.train import train
 
 
 def matmul_gflops(device: torch.device, n: int = 4096, m: int = 128, repeats: int = 20,

@@ -94,7 +94,7 @@ import sys
 sys.path.insert(0, 'bench')
 import numpy, torch
 import agch.method.train, agch.data.dataset, agch.evaluation.metrics, agch.config, agch.data.splits, agch.method.losses, agch.method.model, agch.method.similarity
-import tests.conftest, tests.map_oracle, tests.test_train, tests.test_metrics
+import tests.conftest, tests.map_oracle, tests.method.test_train, tests.evaluation.test_metrics
 import bench_train, bench_map, bench_pack
 print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda,
       '| numpy', numpy.__version__)
@@ -113,7 +113,7 @@ if [[ $ENV_RC -eq 0 || $MODE == cpu-smoke ]]; then
         FNR == 1 { armed = 0 }
         /skipif\(not torch\.cuda\.is_available\(\)/ { armed = 1; next }
         armed && /^def test_/ { name = $2; sub(/\(.*/, "", name); print FILENAME "::" name; armed = 0 }
-    ' tests/test_*.py)
+    ' tests/*/test_*.py)
     if [[ ${#CUDA_TESTS[@]} -eq 0 ]]; then
         log "no CUDA tests found (tests marked skipif(not torch.cuda.is_available()))"
         FAILED+=(cuda-tests)

@@ -73,11 +73,11 @@ def spec_from_args(args: argparse.Namespace) -> Any:
                         "a config key (--toggle KEY=OFF,ON) or an ablation file")
     if toggled or switched:
         spec = dataclasses.replace(spec, fixes=toggled, toggles=switched)
-    sources = [(spec.overrides, where), *layers]
-    for overrides, source in sources:
-        if source != str(args.config):  # a --config file is a base: the factors' own values replace its keys
-            check_not_fixed(spec.factors, overrides, source)
-    overrides = {k: v for o, _ in sources for k, v in o.items()}
+    sources = [cfg.Layer(spec.overrides, where), *layers]
+    for layer in sources:
+        if layer.where != str(args.config):  # a --config file is a base: the factors' own values replace its keys
+            check_not_fixed(spec.factors, layer.values, layer.where)
+    overrides = cfg.layered_keys(sources)
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     if "seed" in overrides:
@@ -87,7 +87,7 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     for design in designs:
         if design.preset not in cfg.PRESETS:
             raise unknown("preset", design.preset, cfg.PRESETS, f"--preset ({design.kind} needs a base preset)")
-        cfg.apply(cfg.preset(design.preset), overrides, where="ablation settings")
+        cfg.layered(design.preset, [cfg.Layer(overrides, "ablation settings")])
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds must be >= 1 (>= 2 for a verdict), got {args.seeds}")
     seeds = spec.seeds
@@ -135,7 +135,7 @@ def run(argv: list[str] | None) -> int:
                         f"({', '.join(name for name, _ in spec.datasets)}); drop --data")
     data = (None if spec.datasets else
             dataset_path(args) if spec.dataset is None or args.data is not None else spec.dataset.resolve())
-    topk = cfg.apply(cfg.preset(spec.designs[0].preset), spec.overrides).topk
+    topk = cfg.layered(spec.designs[0].preset, [cfg.Layer(spec.overrides, "ablation settings")]).topk
     say = lambda text: print(text, flush=True)  # noqa: E731
     switched = [f.describe() for f in spec.factors]
     if spec.datasets:
@@ -169,7 +169,8 @@ def live_printer(topk: int, say: Callable[[str], None]) -> Callable[[str, int, d
 def report_and_exit(prog: str, result: Any, console: str, artifacts: str, say: Callable[[str], None]) -> int:
     """Print the report and where it is recorded (agch-ablate, agch-table); the exit status: 130 interrupted, 1 when
     a run failed, else 0."""
-    from agch.runs.tracking import open_tracker, ui_hint
+    from agch.runs.tracking import open_tracker
+    from agch.runs.ui import ui_hint
 
     say("\n" + console)
     say(f"\nMLflow: parent run {result.parent_run_id} (experiment {result.experiment}) at {result.tracking_uri}; "
@@ -185,7 +186,8 @@ def report_and_exit(prog: str, result: Any, console: str, artifacts: str, say: C
 def show(argv: list[str]) -> int:
     """agch-ablate show NAME [--tracking-uri URI] [--experiment E]: the newest report of ablation NAME."""
     from agch.experiments.results import ablation_report
-    from agch.runs.tracking import open_tracker, ui_hint
+    from agch.runs.tracking import open_tracker
+    from agch.runs.ui import ui_hint
 
     parser = argparse.ArgumentParser(prog="agch-ablate show", description=show.__doc__)
     parser.add_argument("name", help="the ablation's name (its file's name:, or fix-NAME / toggle-KEY)")

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(argv: list[str] | None) -> int:
     from agch.experiments.audit import run_audit
-    from agch.method.train import resolve_device
+    from agch.method.device import resolve_device
 
     args = build_parser().parse_args(argv)
     resolve_device(args.device)  # a bad --device fails before anything is read

@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 
 from agch import config as cfg
@@ -87,12 +86,12 @@ def parse_pairs(items: Sequence[str], option: str) -> dict[str, str]:
 
 
 def config_layers(args: argparse.Namespace, *, held_fixes_only: bool = False,
-                  seed: bool = True) -> tuple[str | None, list[tuple[dict[str, Any], str]]]:
-    """The one config layering of agch-train, agch-search and agch-ablate.
+                  seed: bool = True) -> tuple[str | None, list[cfg.Layer]]:
+    """The command line's settings as layers for agch.config.layered, the same for every command.
 
     Returns (preset, layers). preset: --preset, else the --config file's `preset:`, else None (the command's own
     default: paper, the space file's, the design's). layers, applied in order (later wins): the --config file's keys,
-    --set, --fix NAME=on|off, then --seed (unless seed=False: agch-ablate numbers its seeds from it).
+    --set, --fix NAME=on|off, then --seed (unless seed=False: agch-ablate and agch-table number seeds from it).
     held_fixes_only: a bare --fix NAME is the ablation's subject, not a layer (agch-ablate).
     """
     file_preset, from_file = None, {}
@@ -104,9 +103,10 @@ def config_layers(args: argparse.Namespace, *, held_fixes_only: bool = False,
         file_preset = from_file.pop("preset", None)
     held = [f for f in args.fixes if "=" in f] if held_fixes_only else args.fixes
     fixes = {f"fixes.{cfg.fix_name(k, '--fix')}": v for k, v in parse_pairs(held, "--fix").items()}
-    layers = [(from_file, str(args.config)), (parse_pairs(args.overrides, "--set"), "--set"), (fixes, "--fix")]
+    layers = [cfg.Layer(from_file, str(args.config)), cfg.Layer(parse_pairs(args.overrides, "--set"), "--set"),
+              cfg.Layer(fixes, "--fix")]
     if seed and args.seed is not None:
-        layers.append(({"seed": args.seed}, "--seed"))
+        layers.append(cfg.Layer({"seed": args.seed}, "--seed"))
     return args.preset or file_preset, layers
 
 
@@ -114,10 +114,7 @@ def config_from_args(args: argparse.Namespace, default_preset: str = "paper") ->
     """(preset name, config): the preset, then each of config_layers in order."""
     preset, layers = config_layers(args)
     preset = preset or default_preset
-    config = cfg.preset(preset)
-    for overrides, where in layers:
-        config = cfg.apply(config, overrides, where=where)
-    return preset, config
+    return preset, cfg.layered(preset, layers)
 
 
 def dataset_path(args: argparse.Namespace) -> Path:

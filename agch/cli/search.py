@@ -45,12 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
-    """(preset, overrides): agch.cli.common.config_layers merged into one mapping (later layers win)."""
-    preset, layers = config_layers(args)
-    return preset, {k: v for overrides, _ in layers for k, v in overrides.items()}
-
-
 class LiveTable:
     """The console view of a running search: a header, one row per trial (its name t0, t1, ...; state; epoch of the
     budget; the objective; the params), and how many trials have ended of how many; redrawn in place on a
@@ -107,7 +101,7 @@ class LiveTable:
 
     def _name(self, trial_id: str) -> str:
         """The trial's name, t<Optuna trial number>, as in its MLflow run's name (Ray's id when it has none)."""
-        from agch.runs.trial import TRIAL_NUMBER
+        from agch.runs.context import TRIAL_NUMBER
 
         number = self.rows[trial_id]["params"].get(TRIAL_NUMBER)
         return trial_id if number is None else f"t{number}"
@@ -201,8 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     from agch.experiments.search_space import load_space
 
     data = args.data.expanduser().resolve() if args.data else None
-    preset, overrides = _overrides(args)
-    space = load_space(args.space, overrides=overrides, preset=preset, trials=args.trials,
+    preset, layers = config_layers(args)
+    space = load_space(args.space, layers=layers, preset=preset, trials=args.trials,
                        epochs=args.epochs, dataset=data)
     return _report(lambda table: search.start(
         space, name=args.name, tracking_uri=args.tracking_uri, experiment=args.experiment, storage_url=args.storage,
@@ -230,7 +224,8 @@ def _report(drive: Any) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     from agch.experiments.results import search_table
-    from agch.runs.tracking import open_tracker, ui_hint
+    from agch.runs.tracking import open_tracker
+    from agch.runs.ui import ui_hint
 
     tracker = open_tracker(args.tracking_uri, args.experiment, wait=False)
     print(search_table(tracker, args.name))

@@ -56,15 +56,12 @@ def settings_from_args(args: argparse.Namespace) -> tuple[str, cfg.Config, tuple
 
     preset, layers = config_layers(args, seed=False)
     preset = preset or "paper"
-    base = cfg.preset(preset)
-    for overrides, where in layers:
-        flat = cfg.flat_overrides(overrides, where)
+    for layer in layers:
         for key, option in (("bits", "--bits"), ("seed", "--seed and --seeds")):
-            if key in flat:
-                raise UserError(f"{where}: {key} is set by {option} in agch-table, not as a config key")
-        base = cfg.apply(base, flat, where=where)
-    if args.epochs is not None:
-        base = cfg.apply(base, {"epochs": args.epochs}, where="--epochs")
+            if key in cfg.layered_keys([layer]):
+                raise UserError(f"{layer.where}: {key} is set by {option} in agch-table, not as a config key")
+    epochs = [cfg.Layer({"epochs": args.epochs}, "--epochs")] if args.epochs is not None else []
+    base = cfg.layered(preset, [*layers, *epochs])
     if args.seeds < 1:
         raise UserError(f"--seeds must be >= 1, got {args.seeds}")
     if args.max_concurrent is not None and args.max_concurrent < 1:

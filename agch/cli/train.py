@@ -39,8 +39,10 @@ def run(argv: list[str] | None) -> int:
     from agch.config import to_flat
     from agch.data.dataset import open_dataset
     from agch.evaluation.protocol import describe_protocol, protocol_of
-    from agch.runs.tracking import Tracker, run_tags
-    from agch.method.train import resolve_device, train
+    from agch.runs.tracking import Tracker
+    from agch.runs.record import run_tags
+    from agch.method.device import resolve_device
+    from agch.method.train import train
 
     args = build_parser().parse_args(argv)
     preset, config = config_from_args(args)
@@ -91,7 +93,7 @@ def run(argv: list[str] | None) -> int:
 
 def _report(result, config, tracker, run_id: str | None, experiment: str) -> int:
     """Record the result (when tracking), print the headline figures with their protocol; the exit status."""
-    from agch.runs.tracking import log_result
+    from agch.runs.record import log_result
 
     if tracker is not None:
         log_result(tracker, run_id, config, result)

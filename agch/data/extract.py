@@ -181,7 +181,7 @@ def extract_features(images: Path, out: Path, *, backbone: str, weights: Path | 
     Weights: `weights` (torchvision's state dict file), else torchvision's cache, else an error; `random_weights`
     initialises from `seed` instead. A run stops after `max_images` images when given; running again continues.
     """
-    from agch.method.train import resolve_device
+    from agch.method.device import resolve_device
 
     need(not (weights and random_weights), "", "--weights and --random-weights exclude each other")
     need(batch_size >= 1 and workers >= 0, "", "--batch-size must be >= 1 and --workers >= 0")

@@ -162,7 +162,8 @@ def run_ablation(spec: AblationSpec, dataset: Path | None, *, tracking_uri: str 
     from agch.method.baselines import describe_references, reference_scores
     from agch.data.dataset import open_dataset
     from agch.evaluation.protocol import describe_protocol, protocol_of
-    from agch.runs.tracking import open_tracker, run_tags
+    from agch.runs.tracking import open_tracker
+    from agch.runs.record import run_tags
 
     tracker = open_tracker(tracking_uri, experiment, wait=False)
     paths = {name: path.resolve() for name, path in spec.datasets} or {"": Path(dataset).resolve()}
@@ -211,7 +212,7 @@ def run_plan(plan: Plan, paths: dict[str, Path], tracker: Any, start: Any, *, ex
     Returns (parent run id, one TrialRecord per cell × seed in plan order).
     """
     from agch.paths import home
-    from agch.method.train import precision_of
+    from agch.method.device import precision_of
 
     storage = (storage_dir or home() / "ray").resolve()
     storage.mkdir(parents=True, exist_ok=True)
@@ -308,7 +309,7 @@ class GroupRunner:
         from ray import tune
 
         from agch.runs.driver import run_trials
-        from agch.runs.trial import SETTINGS, RunContext, settings_key
+        from agch.runs.context import SETTINGS, RunContext, settings_key
 
         dataset = group.get("dataset", "")
         base = cfg.from_flat(group["base"])
@@ -383,7 +384,7 @@ def start_parent(tracker: Any, plan: Plan, dataset_tags: dict[str, str]) -> str:
                     "off": [plan.cells[i].label for i in c.off]} for c in plan.comparisons]
     tracker.log_files(parent, {"ablation.yaml": spec.to_dict(), "cells.yaml": cells,
                                "comparisons.yaml": {"comparisons": comparisons}})
-    from agch.runs.tracking import save_view
+    from agch.runs.ui import save_view
 
     k = next(iter(plan.cells.values())).config.topk
     save_view(tracker, spec.name, f"map{k}_mean",

@@ -84,7 +84,7 @@ def cell_identity(config: cfg.Config, dataset_identity: str) -> str:
 
 
 def trial_identity(config: cfg.Config, seed: int, dataset_identity: str) -> str:
-    """Exactly the agch.identity tag that tracking.run_tags puts on the run of this cell with this seed."""
+    """Exactly the agch.identity tag that agch.runs.record.run_tags puts on the run of this cell with this seed."""
     return cfg.identity(dataclasses.replace(config, seed=seed), dataset=dataset_identity)
 
 
@@ -145,8 +145,8 @@ def build_plan(spec: AblationSpec, dataset_identity: str | dict[str, str]) -> Pl
         return key
 
     for design in spec.designs:
-        base = cfg.apply(cfg.preset(design.preset), {**cfg.SELECTION_DEFAULTS, **spec.overrides},
-                         where=f"ablation {spec.name}: overrides")
+        base = cfg.layered(design.preset, [cfg.Layer({**cfg.SELECTION_DEFAULTS, **spec.overrides},
+                                                     f"ablation {spec.name}: overrides")])
         configs = {cell_identity(c, ""): c for _, *pair in design_cells(design, base, spec.factors) for c in pair}
         for dataset in identities:
             sides: dict[Factor, tuple[list[str], list[str]]] = {}

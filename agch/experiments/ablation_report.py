@@ -150,7 +150,8 @@ def provenance_notes(run: AblationRun) -> list[str]:
 def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str, str]) -> None:
     """Log the report and the effect plot on the parent run and close it (KILLED when interrupted)."""
     from agch.experiments.statistics import effect_plot
-    from agch.runs.tracking import open_tracker, set_description
+    from agch.runs.tracking import open_tracker
+    from agch.runs.ui import set_description
 
     tracker = open_tracker(run.tracking_uri, run.experiment)
     labels = map_metrics(run.topk)

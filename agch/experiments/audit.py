@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from agch.errors import UserError
+from agch.evaluation.scoring import CODE_KEYS
 
 AUDIT_KS: tuple[int | None, ...] = (50, 100, None)
 """mAP cut-offs of every audit row; None is ALL."""
@@ -33,9 +34,7 @@ RANKINGS: dict[str, dict[str, tuple[str, str]]] = {
 """What each direction's queries are ranked against: the database (the paper's protocol), or the other queries'
 other-modality codes with the query's own pair excluded (the debugging log's)."""
 ARTIFACTS = ("codes.npz", "protocol.json", "config.yaml", "encoders.pt")
-"""What an audit reads of a run (agch.runs.tracking.log_result); only codes.npz is required."""
-CODE_KEYS = ("codes_query_image", "codes_query_text", "codes_retrieval_image", "codes_retrieval_text",
-             "labels_query", "labels_retrieval")
+"""What an audit reads of a run (agch.runs.record.log_result); only codes.npz is required."""
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -197,7 +196,8 @@ def reencoded(source: Source, recorded: CodeSet, dataset: Path, device: str) -> 
     from agch.data.dataset import open_dataset
     from agch.method.model import AGCH
     from agch.data.splits import Split, evaluation_split
-    from agch.method.train import encode_split, evaluation_features, resolve_device
+    from agch.evaluation.scoring import encode_split, evaluation_features
+    from agch.method.device import resolve_device
 
     for needed in ("encoders.pt", "config.yaml"):
         if needed not in source.files:
@@ -205,7 +205,7 @@ def reencoded(source: Source, recorded: CodeSet, dataset: Path, device: str) -> 
                         "them (a CCA+ITQ reference, a run with save_encoders off, or one recorded before encoders "
                         "were logged)"]
     flat = dict(load_yaml(source.files["config.yaml"]) or {})
-    config = cfg.from_flat({k: v for k, v in flat.items() if k != "preset"}, base=str(flat.get("preset", "paper")))
+    config = cfg.layered(str(flat.pop("preset", "paper")), [cfg.Layer(flat, str(source.files["config.yaml"]))])
     dev = resolve_device(device)
     out, notes = [], []
     with open_dataset(dataset) as data:

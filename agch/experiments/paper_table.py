@@ -111,7 +111,8 @@ def run_table(name: str, preset: str, base: cfg.Config, bits: tuple[int, ...], s
     from agch.experiments.ablation import run_plan
     from agch.data.dataset import open_dataset
     from agch.evaluation.protocol import describe_protocol, protocol_of
-    from agch.runs.tracking import open_tracker, run_tags
+    from agch.runs.tracking import open_tracker
+    from agch.runs.record import run_tags
 
     tracker = open_tracker(tracking_uri, experiment, wait=False)
     with open_dataset(dataset) as data:

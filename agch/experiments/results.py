@@ -38,7 +38,7 @@ def search_table(tracker: Any, name: str, markdown: bool = False, parent: Any = 
 def experiment_note(tracker: Any, name: str, parent: Any, trials_link: str) -> str:
     """The experiment's description after search `name` ended (its first line is what the UI's home page and the
     experiment's page show first): the search's winner, test-query figures and protocol, and where to look."""
-    from agch.runs.tracking import run_page
+    from agch.runs.ui import run_page
 
     head, *rest = _search_paragraphs(tracker, name, True, parent)[:-1]
     return "\n\n".join([f"newest search {name}: {head}", *rest,
@@ -51,7 +51,7 @@ def _search_paragraphs(tracker: Any, name: str, markdown: bool, parent: Any) -> 
     from agch.method.baselines import describe_references
     from agch.experiments.search_space import describe_metric
     from agch.experiments.statistics import markdown_table, text_table
-    from agch.runs.tracking import run_page
+    from agch.runs.ui import run_page
 
     parent = parent or _parent(tracker, "search", name)
     tags, objective = parent.data.tags, parent.data.params.get("objective", "map50_mean").split(",")[0]

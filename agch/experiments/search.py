@@ -22,8 +22,8 @@ import yaml
 from agch import config as cfg
 from agch.errors import UserError, need, unknown
 from agch.experiments.search_space import Parameter, SearchSpace, describe_metric, make_sampler, make_scheduler
-from agch.runs.tracking import (describe_experiment, open_tracker, redact, run_page, save_view, set_description, ui_hint,
-                           ui_link)
+from agch.runs.tracking import open_tracker, redact
+from agch.runs.ui import describe_experiment, run_page, save_view, set_description, ui_hint, ui_link
 
 
 def __getattr__(name: str) -> Any:
@@ -63,7 +63,7 @@ class SearchReport:
     storage_url: str
     notes: list[str] = field(default_factory=list)
     ui: str = ""
-    """how to open the MLflow UI on this search's runs (agch.runs.tracking.ui_hint)."""
+    """how to open the MLflow UI on this search's runs (agch.runs.ui.ui_hint)."""
 
 
 def searches_root() -> Path:
@@ -136,7 +136,7 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
 
     from agch.paths import default_dataset
     from agch.runs.driver import start_ray
-    from agch.runs.trial import RunContext
+    from agch.runs.context import RunContext
 
     name = name or f"{Path(space.source).stem}-{datetime.now():%Y%m%d-%H%M%S}"
     need(NAME_PATTERN.fullmatch(name) is not None, "--name", f"use letters, digits, '.', '_', '-'; got {name!r}")
@@ -238,7 +238,7 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
     import optuna
 
     from agch.runs.driver import run_trials
-    from agch.runs.trial import RunContext
+    from agch.runs.context import RunContext
     from agch.runs.tracking import outage_hint
 
     space, ctx = _space_from_state(state), RunContext(**state["context"])
@@ -282,7 +282,7 @@ def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[s
 
     from agch.runs.driver import STATES, outcomes
     from agch.experiments.search_plots import draw_plots
-    from agch.runs.trial import RunContext, trial_config
+    from agch.runs.context import RunContext, trial_config
 
     space, ctx, name = _space_from_state(state), RunContext(**state["context"]), state["name"]
     tracker = open_tracker(ctx.tracking_uri, ctx.experiment)
@@ -385,7 +385,7 @@ def _test_best(state: dict, params: dict, label: str) -> tuple[dict | None, str 
     from ray import tune
 
     from agch.runs.driver import run_trials
-    from agch.runs.trial import SEED_OFFSET, RunContext
+    from agch.runs.context import SEED_OFFSET, RunContext, trial_config
 
     space, ctx = _space_from_state(state), RunContext(**state["context"])
     test_ctx = dataclasses.replace(ctx, base={**ctx.base, "eval_split": "test"}, group=f"{ctx.group}.test",
@@ -409,7 +409,7 @@ def _test_best(state: dict, params: dict, label: str) -> tuple[dict | None, str 
     from agch.evaluation.protocol import describe_protocol, protocol_of
 
     with open_dataset(ctx.dataset) as data:
-        config = cfg.apply(cfg.from_flat(test_ctx.base), {k: v for k, v in params.items()})
+        config = trial_config(test_ctx, params)
         protocol = (f"{describe_protocol(protocol_of(config, data))}, mean of {len(found)} seed(s), trained on "
                     "the whole training split")
     tracker.set_tags(ctx.parent_run_id, {"agch.test_protocol": protocol,

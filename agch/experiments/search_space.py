@@ -238,9 +238,10 @@ def _duration(value: Any, where: str) -> float | None:
     return seconds
 
 
-def load_space(arg: str, *, overrides: dict[str, Any] | None = None, preset: str | None = None,
-               trials: int | None = None, epochs: int | None = None, dataset: Path | None = None) -> SearchSpace:
-    """Read and validate a space file; command-line values (overrides = config keys) win over the file's.
+def load_space(arg: str, *, layers: list[cfg.Layer] = (), preset: str | None = None, trials: int | None = None,
+               epochs: int | None = None, dataset: Path | None = None) -> SearchSpace:
+    """Read and validate a space file; the command line's settings (`layers`, agch.cli.common.config_layers) win over
+    the file's `fixed`.
 
     Example:
         >>> space = load_space("spaces/delta_gamma.yaml", trials=2, epochs=1)  # doctest: +SKIP
@@ -256,14 +257,13 @@ def load_space(arg: str, *, overrides: dict[str, Any] | None = None, preset: str
     if preset_name not in cfg.PRESETS:
         raise unknown("preset", preset_name, cfg.PRESETS, where("preset"))
     need("epochs" not in doc.fixed, where("fixed", "epochs"), "the budget in epochs is scheduler.epochs")
-    base = cfg.apply(cfg.preset(preset_name), {"eval_every": 1, **cfg.SELECTION_DEFAULTS, **doc.fixed},
-                     where=where("fixed"))
-    base = cfg.apply(base, overrides or {}, where="command line")
+    base = cfg.layered(preset_name, [cfg.Layer({"eval_every": 1, **cfg.SELECTION_DEFAULTS, **doc.fixed},
+                                               where("fixed")), *layers])
 
     parameters = [_parameter(name, spec, base, where) for name, spec in doc.parameters.items()]
     names = [p.name for p in parameters]
     need(len(set(names)) == len(names), where("parameters"), f"a parameter is listed twice: {names}")
-    for name in set(names) & (set(doc.fixed) | set(overrides or {})):
+    for name in set(names) & set(cfg.layered_keys([cfg.Layer(doc.fixed, where("fixed")), *layers])):
         raise UserError(f"{where('parameters', name)}: is searched, so it cannot also be fixed or set")
 
     sampler, scheduler, objective = doc.sampler, doc.scheduler, doc.objective

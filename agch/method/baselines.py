@@ -116,7 +116,8 @@ def cca_itq(config: Config, data: Dataset) -> TrainResult:
     import torch
 
     from agch.evaluation.protocol import protocol_of
-    from agch.method.train import TrainResult, score_codes
+    from agch.evaluation.scoring import codes_npz, score_codes
+    from agch.method.train import TrainResult
 
     started = time.perf_counter()
     split = evaluation_split(data.split, config.eval_split)
@@ -138,11 +139,9 @@ def cca_itq(config: Config, data: Dataset) -> TrainResult:
     metrics, curves = score_codes(codes, labels, config.topk, data.meta.get("split_protocol"))
     metrics.update(cca_ridge=ridge, cca_top_corr=float(corr[0]), cca_dims=float(k), collapsed=0.0)
     protocol = dict(protocol_of(config, data), method="cca-itq")
-    out = {f"codes_{key}": value.numpy() for key, value in codes.items()}
-    for stem, idx in (("query", split.query), ("retrieval", split.retrieval)):
-        out[f"labels_{stem}"], out[f"index_{stem}"] = data.labels[idx], idx
     return TrainResult(status="finished", metrics=metrics, protocol=protocol, epochs_run=0,
-                       seconds=time.perf_counter() - started, device="cpu", codes=out, curves=curves)
+                       seconds=time.perf_counter() - started, device="cpu", codes=codes_npz(codes, data, split),
+                       curves=curves)
 
 
 def plain_s_config(config: Config) -> Config:

@@ -19,16 +19,15 @@ from agch.config import NON_SCIENTIFIC, Config, to_flat
 from agch.data.dataset import Dataset
 from agch.errors import UserError
 from agch.method.losses import agch_loss
-from agch.evaluation.metrics import evaluate_hashing
 from agch.method.model import AGCH
 from agch.evaluation.protocol import protocol_of
+from agch.evaluation.scoring import codes_npz, evaluate, evaluation_features, rows_on_device
+from agch.method.device import precision_of, resolve_device
 from agch.method.similarity import batch_similarity
-from agch.data.splits import Split, evaluation_split
+from agch.data.splits import evaluation_split
 
 PROBE_SIZE = 256
 """Rows of the training set (a fixed sample, the same for every seed) used by the diagnostic probes."""
-EVAL_CHUNK_ROWS = 4096
-"""Rows encoded at once at evaluation: bounds memory for a NUS-WIDE-size database."""
 
 
 @dataclass
@@ -66,24 +65,6 @@ class TrainResult:
     """the trained hash functions (AGCH.encoder_state, on the CPU): what re-encodes other rows; {} for references."""
     curves: dict[str, np.ndarray] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def precision_of(config: Config, device: str) -> str:
-    """The precision a run of `config` on `device` ('auto', 'cpu', 'cuda[:N]') computes in: 'bf16' (config.bf16 on
-    CUDA) or 'fp32' (bf16 is ignored on CPU). Tagged agch.precision; runs are reused only at the same precision."""
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    return "bf16" if config.bf16 and cuda else "fp32"
-
-
-def resolve_device(device: str) -> torch.device:
-    """'auto' → CUDA when present, else CPU; 'cuda' without a GPU is a user error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{device}' asked for, but torch sees no CUDA GPU; use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"unknown device '{device}'; allowed: auto, cpu, cuda, cuda:N")
-    return torch.device(device)
 
 
 def make_optimizer(model: AGCH, config: Config) -> torch.optim.Optimizer:
@@ -137,75 +118,6 @@ def _check_checkpoint(checkpoint: dict[str, Any], config: Config, data: Dataset)
                             f"but dataset {data.path} has {dim}")
 
 
-@torch.no_grad()
-def encode_split(model: AGCH, cache: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sign codes of the query and retrieval sets, both modalities, encoded in bounded chunks (fp32 arithmetic on
-    the stored values, exactly what training saw)."""
-    model.eval()
-    codes = {}
-    for key, feats in cache.items():
-        modality = key.split("_")[1]
-        codes[key] = torch.cat([model.encode(modality, feats[i:i + EVAL_CHUNK_ROWS].float())
-                                for i in range(0, len(feats), EVAL_CHUNK_ROWS)])
-    model.train()
-    return codes
-
-
-def evaluate(model: AGCH, cache: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], config: Config,
-             split_protocol: str) -> tuple[dict[str, float], dict[str, np.ndarray], dict[str, torch.Tensor]]:
-    """Encode the query and retrieval sets, then score_codes."""
-    codes = encode_split(model, cache)
-    return (*score_codes(codes, labels, config.topk, split_protocol), codes)
-
-
-def score_codes(codes: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], k: int,
-                split_protocol: str) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """mAP@k / mAP@ALL both directions, precision@k and PR curves, and the code statistics of sign codes keyed
-    query_image, query_text, retrieval_image, retrieval_text (any method's: AGCH's or a reference's)."""
-    metrics: dict[str, float] = {}
-    curves: dict[str, np.ndarray] = {}
-    directions = {"i2t": ("query_image", "retrieval_text"), "t2i": ("query_text", "retrieval_image")}
-    for name, (q, r) in directions.items():
-        res = evaluate_hashing(codes[q], codes[r], labels["query"], labels["retrieval"], ks=(k, None))
-        metrics[f"map{k}_{name}"] = res.map[f"map@{k}"]
-        metrics[f"mapall_{name}"] = res.map["map@all"]
-        metrics.update({f"precision_at_{p}_{name}": v for p, v in res.precision_at_k.items()})
-        curves[f"pr_precision_{name}"], curves[f"pr_recall_{name}"] = res.pr_precision, res.pr_recall
-        if split_protocol == "file-order":
-            # The debugging log's protocol: queries ranked against the other queries' other-modality codes.
-            qq = evaluate_hashing(codes[q], codes[_other_modality(q)], labels["query"], labels["query"],
-                                  ks=(None,), precision_ks=(), pr_curve=False, exclude_self=True)
-            metrics[f"mapall_qq_{name}"] = qq.map["map@all"]
-    for stat in (f"map{k}", "mapall"):
-        metrics[f"{stat}_mean"] = (metrics[f"{stat}_i2t"] + metrics[f"{stat}_t2i"]) / 2
-    metrics.update(diagnostics.code_statistics(codes["retrieval_image"], codes["retrieval_text"]))
-    return metrics, curves
-
-
-def _other_modality(key: str) -> str:
-    """'query_image' → 'query_text' and back."""
-    stem, modality = key.split("_")
-    return f"{stem}_{'text' if modality == 'image' else 'image'}"
-
-
-def evaluation_features(data: Dataset, split: Split, device: torch.device) -> dict[str, torch.Tensor]:
-    """The query and retrieval rows of both modalities on the device in their stored dtype, keyed query_image,
-    query_text, retrieval_image, retrieval_text: what encode_split encodes."""
-    stored = {m: torch.from_numpy(np.zeros(0, data.stored_dtype(m))).dtype for m in ("image", "text")}
-    return {f"{stem}_{m}": t for stem, idx in (("query", split.query), ("retrieval", split.retrieval))
-            for m, t in _to_device(data, idx, device, stored).items()}
-
-
-def _to_device(data: Dataset, idx: np.ndarray, device: torch.device,
-               dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    """Both modalities' rows `idx`, read in bounded chunks and moved to the device once, as dtypes[modality]."""
-    out = {}
-    for modality, dtype in dtypes.items():
-        parts = [torch.from_numpy(block).to(device=device, dtype=dtype) for _, block in data.iter_rows(modality, idx)]
-        out[modality] = torch.cat(parts)
-    return out
-
-
 def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None] | None = None, *,
           device: str = "auto", resume: dict[str, Any] | None = None) -> TrainResult:
     """Train AGCH on `data`'s training split and evaluate on its query/retrieval split.
@@ -238,7 +150,7 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
 
     # ---- data on the device once: training rows in fp32; evaluation rows in their stored dtype (fp16 image and
     # uint8 tag features stay compact at NUS-WIDE size and lose nothing: widening them to fp32 is exact)
-    train_x = _to_device(data, split.train, dev, {m: torch.float32 for m in ("image", "text")})
+    train_x = rows_on_device(data, split.train, dev, {m: torch.float32 for m in ("image", "text")})
     cache = evaluation_features(data, split, dev)
     labels = {stem: torch.from_numpy(data.labels[idx]).to(dev) for stem, idx in
               (("query", split.query), ("retrieval", split.retrieval))}
@@ -284,7 +196,7 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
         return TrainResult(status=status, metrics=final, protocol=protocol, epochs_run=epochs_run,
                            seconds=time.perf_counter() - started, device=str(dev), collapsed=collapsed,
                            deterministic=deterministic, precision=precision_of(config, str(dev)),
-                           codes=_codes_with_labels(codes, data, split), encoders=model.encoder_state(),
+                           codes=codes_npz(codes, data, split), encoders=model.encoder_state(),
                            curves=curves, history=history, **extra)
 
     model.train()
@@ -336,14 +248,3 @@ def train(config: Config, data: Dataset, callback: Callable[[EpochReport], None]
         if stop and epoch < config.epochs:
             return finish("finished", epoch, reason=stop)
     return finish("finished", epoch)
-
-
-def _codes_with_labels(codes: dict[str, torch.Tensor], data: Dataset, split: Split) -> dict[str, np.ndarray]:
-    """Final sign codes (int8 ±1) with their labels and dataset row indices, ready to re-evaluate elsewhere."""
-    if not codes:
-        return {}
-    out = {f"codes_{k}": v.cpu().numpy() for k, v in codes.items()}
-    for stem, idx in (("query", split.query), ("retrieval", split.retrieval)):
-        out[f"labels_{stem}"] = data.labels[idx]
-        out[f"index_{stem}"] = idx
-    return out

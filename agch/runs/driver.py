@@ -23,7 +23,8 @@ from ray.tune import Callback
 
 from agch.errors import UserError
 from agch.runs.tracking import TRACKING_WAIT_S, RetryingTracker
-from agch.runs.trial import CHECKPOINT_ENV, FINAL, RunContext, checkpoint_period, end_trial_run, run_trial, trial_slot
+from agch.runs.context import CHECKPOINT_ENV, FINAL, RunContext, checkpoint_period, end_trial_run, trial_slot
+from agch.runs.trial import run_trial
 
 STATES = ("finished", "failed", "stopped", "interrupted")
 """TrialOutcome.status: stopped = early-stopped by the scheduler; interrupted = the search ended first (Ctrl-C, time

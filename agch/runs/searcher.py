@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from ray.tune.search import Searcher
 
-from agch.runs.trial import FINAL, RUN_ID, SEED_OFFSET, TRIAL_NUMBER
+from agch.runs.context import FINAL, RUN_ID, SEED_OFFSET, TRIAL_NUMBER
 
 class StudySearch(Searcher):
     """A Ray Tune searcher over a persistent Optuna study, with results keyed by epoch and repeated seeds.

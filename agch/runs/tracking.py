@@ -1,4 +1,6 @@
-"""MLflow adapter: one run per training, nested runs under a parent, params/metrics/artifacts. Public APIs only.
+"""The MLflow adapter: one run per training, nested runs under a parent, params/metrics/artifacts, experiment tags;
+a retrying wrapper for concurrent trials and tracking-server outages. Public APIs only; nothing else in agch calls
+MLflow (what a run records: agch.runs.record; the UI's links and pages: agch.runs.ui).
 
 Uses MlflowClient with explicit run ids (no global active run), so Ray trials and threads can log side by side.
 """
@@ -6,13 +8,10 @@ Uses MlflowClient with explicit run ids (no global active run), so Ray trials an
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import os
 import random
 import re
-import subprocess
 import tempfile
 import time
 import urllib.error
@@ -24,8 +23,6 @@ from typing import Any
 import numpy as np
 import yaml
 
-from agch import __version__
-from agch import config as cfg
 from agch.errors import UserError
 from agch.paths import default_tracking_uri, home
 
@@ -77,19 +74,6 @@ def check_reachable(uri: str) -> None:
         raise UserError(f"tracking server {uri} is unreachable ({reason}); start it or pass another --tracking-uri")
 
 
-def code_version() -> str:
-    """Package version plus the git commit of the source tree when it is a checkout ('+dirty' if modified)."""
-    here = Path(__file__).resolve().parents[1]  # the agch package
-    try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=5).stdout.strip()
-        return f"{__version__}+g{sha}{'.dirty' if dirty else ''}"
-    except (OSError, subprocess.SubprocessError):
-        return __version__
-
-
 def artifact_root(uri: str) -> str | None:
     """Artifacts of an SQLite store go beside its file (MLflow's default is ./mlruns of whatever the cwd is);
     a server decides for itself (None)."""
@@ -101,88 +85,6 @@ def artifact_root(uri: str) -> str | None:
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 """Experiment tag naming the experiment's kind. MLflow 3.17 does not route by it (its GenAI / Model training switch
 is per browser; agch.runs.ui_app and UI_WORKFLOW handle that); its kind selector and other versions read it."""
-UI_WORKFLOW = "workflowType=machine_learning"
-"""URL state of MLflow 3.17's UI: show the model-training pages (runs table), whatever the browser chose before."""
-UI = "http://127.0.0.1:5000"
-"""Where `mlflow ui` answers by default; a tracking server is its own UI."""
-VIEW_TAG = "mlflow.sharedViewState."
-"""Experiment tag prefix of a view of the runs table (MLflow's "Save & share view"): the link ui_link prints opens
-it with viewStateShareKey."""
-
-
-def ui_base(tracker: Any) -> str:
-    """The MLflow UI's address for `tracker`'s experiment: .../#/experiments/ID."""
-    return f"{tracker.uri.rstrip('/') if is_server(tracker.uri) else UI}/#/experiments/{tracker.experiment_id}"
-
-
-def run_page(tracker: Any, run_id: str) -> str:
-    """The MLflow UI's page of one run (its description, metrics, artifacts)."""
-    return f"{ui_base(tracker)}/runs/{run_id}?{UI_WORKFLOW}"
-
-
-def runs_filter(name: str) -> str:
-    """The runs-table filter for the trials of search or ablation `name`: its parent and test runs left out."""
-    return f"tags.`agch.name` = '{name}' and tags.`agch.role` = 'trial'"
-
-
-def save_view(tracker: Any, name: str, metric: str, *, first: list[str], then: list[str]) -> None:
-    """Save the runs table of `name`'s trials as the link ui_link prints opens it: filtered (runs_filter), sorted by
-    `metric`, best first, with these columns ('metrics.`map50_mean`', 'params.`delta`', 'tags.`agch.status`') after
-    the run's name: `first` narrow enough that they fit beside MLflow's assistant panel on a laptop's screen, `then`
-    to the right of them."""
-    widths = {"attributes.`Run Name`": 250, **{column: 95 for column in first}}
-    state = {"searchFilter": runs_filter(name), "orderByKey": f"metrics.`{metric}`", "orderByAsc": False,
-             "selectedColumns": [*first, *then], "columnOrder": ["attributes.`Run Name`", *first, *then],
-             "columnWidths": widths}
-    tracker.set_experiment_tag(VIEW_TAG + name, json.dumps(state))
-
-
-def ui_link(tracker: Any, name: str, metric: str) -> str:
-    """The MLflow UI's runs table of `name`'s trials, best first by `metric`: its saved view (save_view) when there
-    is one, else the same filter and order as URL state (the default columns then, which show no metric)."""
-    from urllib.parse import quote
-
-    if VIEW_TAG + name in tracker.experiment_tags():
-        return f"{ui_base(tracker)}/runs?viewStateShareKey={quote(name)}&{UI_WORKFLOW}"
-    query = f"searchFilter={quote(runs_filter(name))}&orderByKey={quote(f'metrics.`{metric}`')}&orderByAsc=false"
-    return f"{ui_base(tracker)}/runs?{query}&{UI_WORKFLOW}"
-
-
-def ui_hint(tracker: Any, name: str, metric: str, parent: str | None = None) -> str:
-    """Lines telling how to open ui_link (and the parent run's page, whose description is the summary): for an
-    SQLite store, the `mlflow ui` command first."""
-    link = ui_link(tracker, name, metric)
-    lines = [f"MLflow UI: {link}" if is_server(tracker.uri) else
-             f"MLflow UI: run `mlflow ui --app-name agch --backend-store-uri {tracker.uri}`, then open\n  {link}"]
-    if parent:
-        lines.append(f"  the summary (the parent run's description): {run_page(tracker, parent)}")
-    return "\n".join(lines)
-
-
-NOTE_LIMIT = 7500
-"""Characters of a run description (tag mlflow.note.content; MLflow keeps at most 8,000 per tag value)."""
-NOTE = "mlflow.note.content"
-"""Run and experiment tag: the description the MLflow UI shows (markdown) on the run's and the experiment's page."""
-OWN_NOTE = "agch.note"
-"""Experiment tag: the experiment description this project last wrote (a description someone else wrote is kept)."""
-
-
-def set_description(tracker: Any, run_id: str, markdown: str) -> None:
-    """The run's description in the MLflow UI (rendered as markdown), cut at a line to fit NOTE_LIMIT."""
-    if len(markdown) > NOTE_LIMIT:
-        cut = markdown[:NOTE_LIMIT - 80].rsplit("\n", 1)[0]
-        markdown = cut + "\n\n(cut to fit; the whole report is in the run's artifacts)"
-    tracker.set_tags(run_id, {NOTE: markdown})
-
-
-def describe_experiment(tracker: Any, markdown: str) -> None:
-    """The experiment's description (the first thing its page shows), unless someone else wrote the current one."""
-    tags = tracker.experiment_tags()
-    if tags.get(NOTE, "") in ("", tags.get(OWN_NOTE)):
-        markdown = markdown[:4900]  # MLflow keeps at most 5,000 characters per experiment tag value
-        tracker.set_experiment_tag(NOTE, markdown)
-        tracker.set_experiment_tag(OWN_NOTE, markdown)
-
 
 class Tracker:
     """Thin wrapper over MlflowClient for one tracking store and experiment."""
@@ -204,6 +106,8 @@ class Tracker:
 
     def start_run(self, name: str, tags: dict[str, str] | None = None, parent: str | None = None) -> str:
         """Create a run (nested under `parent` when given) and return its id."""
+        from agch.runs.record import code_version
+
         tags = dict(tags or {}, **{"agch.code_version": code_version()})
         if parent:
             tags["mlflow.parentRunId"] = parent
@@ -305,72 +209,6 @@ class Tracker:
 
     def experiment_tags(self) -> dict[str, str]:
         return dict(self.client.get_experiment(self.experiment_id).tags)
-
-
-def run_tags(config: cfg.Config, data: Any) -> dict[str, str]:
-    """Tags naming what a run computed on: dataset identity, synthetic parts, split, config identity, and what
-    every mAP of the run is (agch.protocol)."""
-    from agch.evaluation.protocol import describe_protocol, protocol_of
-
-    return {
-        "agch.protocol": describe_protocol(protocol_of(config, data)),
-        "dataset.name": data.name,
-        "dataset.path": str(data.path),
-        "dataset.identity": data.identity,
-        "dataset.synthetic": ",".join(sorted(data.synthetic)) or "none",
-        "dataset.split": str(data.meta.get("split_protocol")),
-        "agch.identity": cfg.identity(config, dataset=data.identity),
-        "agch.bits": str(config.bits),
-    }
-
-
-def history_csv(history: list[dict[str, Any]]) -> str:
-    """Per-epoch rows as CSV (columns: the union of keys, epoch first)."""
-    keys = sorted({k for row in history for k in row} - {"epoch"})
-    lines = [["epoch", *keys]] + [[row.get("epoch"), *(row.get(k, "") for k in keys)] for row in history]
-    out = io.StringIO(newline="")
-    csv.writer(out).writerows(lines)
-    return out.getvalue()
-
-
-CODES_README = """codes.npz: the final sign codes of this run, int8 in {-1,+1}, one row per item.
-codes_query_image / codes_query_text: query set codes (image / text modality);
-codes_retrieval_image / codes_retrieval_text: retrieval (database) set codes;
-labels_query / labels_retrieval: multi-hot labels (uint8); index_query / index_retrieval: rows in the dataset file.
-I->T ranks codes_retrieval_text by Hamming distance to each row of codes_query_image; T->I the other way round.
-Relevance = at least one shared label. See protocol.json for the split and dataset these come from.
-encoders.pt (when logged: config save_encoders): torch state_dict of the model's hash functions (feature norms,
-image and text encoders; agch.method.model.AGCH.encoder_state); with config.yaml it re-encodes any rows (agch-audit).
-"""
-
-
-def log_result(tracker: Tracker, run_id: str, config: cfg.Config, result: Any) -> None:
-    """Final metrics, status, protocol and artifacts (codes, curves, history, a config agch-train accepts)."""
-    tracker.log_metrics(run_id, result.metrics, step=result.epochs_run)
-    tracker.log_metrics(run_id, {"train_seconds": result.seconds}, step=result.epochs_run)
-    tracker.set_tags(run_id, {"agch.status": result.status, "agch.reason": result.reason or "",
-                              "agch.failed_epoch": result.failed_epoch or "", "agch.collapsed": result.collapsed,
-                              "agch.device": result.device, "agch.precision": result.precision,
-                              "agch.trainer_version": cfg.TRAINER_VERSION})
-    files: dict[str, Any] = {"protocol.json": result.protocol, "config.yaml": {"preset": "paper", **cfg.to_flat(config)},
-                             "history.csv": history_csv(result.history)}
-    if result.codes:
-        files["codes.npz"] = result.codes
-        files["codes_README.txt"] = CODES_README
-    if result.encoders and config.save_encoders:
-        files["encoders.pt"] = encoders_bytes(result.encoders)
-    if result.curves:
-        files["curves.npz"] = result.curves
-    tracker.log_files(run_id, files)
-
-
-def encoders_bytes(state: dict[str, Any]) -> bytes:
-    """A state_dict as the bytes of a torch.save file (read back with torch.load(..., weights_only=True))."""
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getvalue()
 
 
 TRACKING_WAIT_S = "AGCH_TRACKING_WAIT_S"

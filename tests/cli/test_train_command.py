@@ -149,8 +149,7 @@ def test_one_config_layering_for_train_search_and_ablate(tmp_path):
     """--preset beats the --config file's preset; --set beats the file; --fix and --seed come last: in all three."""
     from agch.cli.ablate import build_parser as ablate_parser
     from agch.cli.ablate import spec_from_args
-    from agch.cli.common import config_from_args
-    from agch.cli.search import _overrides
+    from agch.cli.common import config_from_args, config_layers
     from agch.cli.search import build_parser as search_parser
     from agch.cli.train import build_parser
 
@@ -160,7 +159,8 @@ def test_one_config_layering_for_train_search_and_ablate(tmp_path):
     preset, config = config_from_args(build_parser().parse_args([*line, "--seed", "3"]))
     assert (preset, config.delta, config.bits, config.fixes.balance, config.seed) == ("paper", 0.5, 32, False, 3)
     assert config.distance == cfg.preset("paper").distance  # the paper preset, not the file's debug-log
-    preset, overrides = _overrides(search_parser().parse_args(["run", "space.yaml", *line, "--seed", "3"]))
+    preset, layers = config_layers(search_parser().parse_args(["run", "space.yaml", *line, "--seed", "3"]))
+    overrides = cfg.layered_keys(layers)
     assert preset == "paper" and overrides == {"delta": 0.5, "bits": "32", "fixes.balance": "off", "seed": 3}
     spec = spec_from_args(ablate_parser().parse_args(["--fix", "alignment", *line]))
     assert {d.preset for d in spec.designs} == {"paper"}

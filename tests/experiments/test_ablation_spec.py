@@ -74,7 +74,7 @@ def test_identities_ignore_the_seed_for_cells_and_match_run_tags_for_trials() ->
     seeded = dataclasses.replace(config, seed=3)
     assert cell_identity(config, DS) == cell_identity(seeded, DS)
     assert cell_identity(config, DS) != cell_identity(config, "another-dataset")
-    assert trial_identity(config, 3, DS) == cfg.identity(seeded, dataset=DS)  # tracking.run_tags' agch.identity
+    assert trial_identity(config, 3, DS) == cfg.identity(seeded, dataset=DS)  # agch.runs.record.run_tags' agch.identity
     assert trial_identity(config, 3, DS) != trial_identity(config, 4, DS)
     # eval_every does not change what is computed: the same cell.
     assert cell_identity(dataclasses.replace(config, eval_every=1), DS) == cell_identity(config, DS)
@@ -189,7 +189,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, cap
 
 def test_tune_groups_are_grids_whose_trials_are_exactly_the_plans() -> None:
     from agch.experiments.ablation import group_identities, tune_groups
-    from agch.runs.trial import RunContext, trial_config
+    from agch.runs.context import RunContext, trial_config
 
     plan = build_plan(load_spec(SHIPPED_DIR / "debug_log_story.yaml"), DS)
     trials = plan.trials()
@@ -224,7 +224,7 @@ def test_toggles_switch_any_config_key_like_a_fix() -> None:
 
 def test_tune_groups_of_toggled_keys_rebuild_the_plans_configs() -> None:
     from agch.experiments.ablation import group_identities, tune_groups
-    from agch.runs.trial import RunContext, trial_config
+    from agch.runs.context import RunContext, trial_config
 
     plan = build_plan(spec(design="one-fix", fixes=[], toggles={"feature_norm": ["none", "standardize"]}), DS)
     (group,) = tune_groups(plan, plan.trials(), prefix="g")

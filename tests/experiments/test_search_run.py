@@ -20,9 +20,10 @@ import optuna
 import pytest
 import yaml
 
+from agch import config as cfg
 from agch.runs import driver
 from agch.experiments import search
-from agch.runs import tracking
+from agch.runs import tracking, ui
 from agch.experiments.search_space import SHIPPED_DIR, load_space
 from agch.cli.search import main
 from agch.cli.train import build_parser as train_parser
@@ -133,9 +134,9 @@ def test_search_end_to_end(ray_session, tiny_dataset: Path, tmp_path: Path, caps
     (test,) = test_runs
     assert test.info.run_name.startswith(f"test: chosen settings t{best.number} δ=") and \
         test.data.tags["agch.role"] == "test"
-    assert {r.info.run_id for r in tracker.runs(tracking.runs_filter("e2e"))} == {r.info.run_id for r in runs}
-    view = json.loads(tracker.experiment_tags()[tracking.VIEW_TAG + "e2e"])
-    assert view["searchFilter"] == tracking.runs_filter("e2e") and view["orderByKey"] == "metrics.`map50_mean`"
+    assert {r.info.run_id for r in tracker.runs(ui.runs_filter("e2e"))} == {r.info.run_id for r in runs}
+    view = json.loads(tracker.experiment_tags()[ui.VIEW_TAG + "e2e"])
+    assert view["searchFilter"] == ui.runs_filter("e2e") and view["orderByKey"] == "metrics.`map50_mean`"
     assert view["selectedColumns"] == ["metrics.`map50_mean`", "params.`delta`", "params.`gamma_v`", "metrics.`epoch`",
                                        "tags.`agch.status`", "metrics.`mapall_mean`"]
     best_run = next(r for r in runs if optuna_of[r.data.tags["agch.trial_id"]].number == best.number)
@@ -261,7 +262,7 @@ def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: 
 def test_every_shipped_space_runs_one_tiny_trial(ray_session, tiny_dataset: Path, stem: str) -> None:
     searched = {p.name for p in load_space(f"spaces/{stem}.yaml").parameters}
     small = {k: v for k, v in FIXED.items() if k not in searched}
-    space = load_space(f"spaces/{stem}.yaml", overrides=small, trials=1, epochs=1, dataset=tiny_dataset)
+    space = load_space(f"spaces/{stem}.yaml", layers=[cfg.Layer(small, "--set")], trials=1, epochs=1, dataset=tiny_dataset)
     report = search.start(space, name=stem, device="cpu")
     assert not report.interrupted and len(report.outcomes) == space.seeds
     assert all(o.status in ("finished", "failed") and o.run_id and o.epochs == 1 for o in report.outcomes)

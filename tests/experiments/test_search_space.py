@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agch import config as cfg
 from agch.experiments import search_space
 from agch.cli.search import main
 from agch.errors import UserError
@@ -74,7 +75,7 @@ def test_spaces_prefix_means_shipped_unless_the_user_has_that_file(tmp_path: Pat
 
 def test_overrides_win_and_a_grid_is_capped(tmp_path: Path) -> None:
     doc = changed(parameters={"batch_size": [32, 64], "fixes.text-input": [False, True]}, sampler="grid", trials=9)
-    space = search_space.load_space(str(write_space(tmp_path, doc)), overrides={"lam": "2.5"}, trials=None, epochs=2)
+    space = search_space.load_space(str(write_space(tmp_path, doc)), layers=[cfg.Layer({"lam": "2.5"}, "--set")], trials=None, epochs=2)
     assert space.base["lam"] == 2.5 and space.base["epochs"] == 2 and space.epochs == 2
     assert [p.name for p in space.parameters] == ["batch_size", "fixes.text_input"]
     assert space.trials == 4 and "grid size, 4" in space.notes[0]
@@ -280,7 +281,7 @@ def test_a_restored_search_hands_out_first_the_trials_a_killed_driver_had_asked_
     t2's Optuna trial (same params, same number) to the first trial it is asked for, then asks new ones."""
     import optuna
 
-    from agch.runs.trial import TRIAL_NUMBER
+    from agch.runs.context import TRIAL_NUMBER
 
     space = search_space.load_space("spaces/delta_gamma.yaml")
 
@@ -303,7 +304,7 @@ def test_a_collapsed_trial_is_a_measured_result_for_optuna_and_a_failed_one_is_n
     """TPE ignores FAIL trials: a collapse reported as FAIL would leave it sampling where codes collapse."""
     import optuna
 
-    from agch.runs.trial import FINAL
+    from agch.runs.context import FINAL
 
     space = search_space.load_space("spaces/delta_gamma.yaml")
     searcher = make_searcher(space, "c", optuna.samplers.RandomSampler(seed=0), tmp_path)
@@ -324,7 +325,7 @@ def test_a_used_up_grid_ends_its_last_trials_like_the_others(tmp_path: Path) -> 
     Study.optimize: the error reached Tune, which then recorded the search's last trials as failed."""
     import optuna
 
-    from agch.runs.trial import FINAL
+    from agch.runs.context import FINAL
 
     space = search_space.load_space(str(write_space(tmp_path, "preset: paper\nsampler: {name: grid}\nparameters:\n"
                                                               "  delta: {choices: [0.1, 1.0]}\n")))

@@ -14,7 +14,7 @@ import pytest
 from agch import config as cfg
 from agch.runs import driver
 from agch.runs import tracking
-from agch.runs import trial
+from agch.runs import context as trial
 from agch.errors import UserError
 from agch.runs.tracking import Tracker
 from tests.conftest import TINY

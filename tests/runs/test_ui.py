@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agch.runs import tracking
+from agch.runs import tracking, ui
 from agch.cli.search import main
 from tests.browser import CHROMIUM, first_screen
 from tests.services import start_mlflow
@@ -47,7 +47,7 @@ def test_a_search_tells_its_winner_on_the_first_screen_of_every_page_it_links(
         winner = best.info.run_name  # 't2 δ=0.0563 γv=3.62 γt=1.45'
         value = best.data.metrics["map50_mean"]
         number, delta, gamma_v, gamma_t = re.fullmatch(r"(t\d+) δ=(\S+) γv=(\S+) γt=(\S+)", winner).groups()
-        others = [r.info.run_name for r in tracker.runs(tracking.runs_filter("ui"))
+        others = [r.info.run_name for r in tracker.runs(ui.runs_filter("ui"))
                   if r.info.run_id != best.info.run_id]
         test_run = next(r.info.run_name for r in tracker.runs("tags.`agch.role` = 'test'"))
 

@@ -15,7 +15,7 @@ from agch.evaluation.metrics import random_ranking_map
 from agch.method.model import AGCH, Codes
 from agch.method.similarity import batch_similarity, cosine_and_distance
 from agch.method.train import train
-from tests.test_losses import S, T, V
+from tests.method.test_losses import S, T, V
 
 
 def _model(tiny_config, **switches) -> AGCH:
