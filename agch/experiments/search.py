@@ -1,7 +1,8 @@
 """Hyperparameter search: the Optuna sampler inside Ray Tune, and the driver (`start`, `resume`).
 
-`start` runs a space (agch.experiments.search_space.load_space) as one MLflow parent run, one persistent Optuna study and Ray Tune
-trials through agch.runs.driver; `resume` continues one that was interrupted.
+`start` runs a space (agch.experiments.search_space.load_space) as one MLflow parent run, one persistent Optuna study
+and Ray Tune trials through agch.runs.driver; `resume` continues one that was interrupted. What a search keeps between
+sessions: agch.experiments.search_state.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,86 +20,99 @@ import numpy as np
 import yaml
 
 from agch import config as cfg
-from agch.errors import UserError, need, unknown
-from agch.experiments.search_space import Parameter, SearchSpace, describe_metric, make_sampler, make_scheduler
+from agch.errors import need
+from agch.experiments.search_space import SearchSpace, describe_metric, make_sampler, make_scheduler
+from agch.experiments.search_state import (SearchReport, SearchState, default_storage_url, open_storage,
+                                           searches_root)
+from agch.runs.context import RunContext
 from agch.runs.tracking import open_tracker, redact
 from agch.runs.ui import describe_experiment, run_page, save_view, set_description, ui_hint, ui_link
 
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
 
 def __getattr__(name: str) -> Any:
-    if name == "StudySearch":  # searcher states saved before the class moved to agch.runs.searcher
+    if name == "StudySearch":  # Tune states of searches from before the class moved to agch.study_search
         from agch.runs import searcher
 
         return searcher.StudySearch
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# --------------------------------------------------------------------------------------------------- the driver
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | None = None,
+          experiment: str = "agch-search", storage_url: str | None = None, ray_address: str | None = None,
+          device: str = "auto", verbose: bool = False, listener: Any = None) -> SearchReport:
+    """Run a new search: check every store first, then one MLflow parent run, one Optuna study, Ray Tune trials.
+
+    `listener` (optional, e.g. agch.cli.search.LiveTable) gets on_step(text) before each step that takes seconds,
+    on_start(name, space, protocol, references), on_result(trial_id, params, result) and on_complete(outcome).
+
+    Example:
+        >>> report = start(load_space("spaces/delta_gamma.yaml", trials=2, epochs=1))  # doctest: +SKIP
+        >>> report.best["params"]  # doctest: +SKIP
+    """
+    from datetime import datetime
+
+    from agch.paths import default_dataset
+    from agch.runs.driver import start_ray
+
+    name = name or f"{Path(space.source).stem}-{datetime.now():%Y%m%d-%H%M%S}"
+    need(NAME_PATTERN.fullmatch(name) is not None, "--name", f"use letters, digits, '.', '_', '-'; got {name!r}")
+    need(not (searches_root() / name).exists(), "--name", f"a search named {name} exists; continue it with "
+         f"`agch-search resume {name}` or choose another name")
+    say = _steps(listener)
+    say("opening the MLflow tracking store and the Optuna storage")
+    tracker = open_tracker(tracking_uri, experiment, wait=False)
+    storage_url = storage_url or default_storage_url(tracker.uri)
+    storage = open_storage(storage_url)
+    need(name not in [s.study_name for s in storage.get_all_studies()], "--name",
+         f"the Optuna storage {redact(storage_url)} already holds a study named {name}")
+    need(space.gpus > 0 or not device.startswith("cuda"), "--device", "cuda needs resources.gpus > 0")
+    dataset = Path(space.dataset) if space.dataset else default_dataset()
+    say("checking the dataset; the references on the trials' queries (random ranking, CCA+ITQ) are computed once "
+        "per dataset and code length (~30 s on 2 CPU cores), then cached")
+    described, short, references = _protocol(dataset, space)
+    protocol = f"{' & '.join(describe_metric(m) for m in space.metrics)}, {described}"
+    say(f"connecting to the Ray cluster at {ray_address}" if ray_address else "starting a local Ray")
+    start_ray(ray_address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
+
+    parent = _start_parent(tracker, name, space, protocol, redact(storage_url), references, dataset)
+    _create_study(storage, name, space, tracker, parent, protocol, short, verbose)
+    ctx = RunContext(dataset=str(dataset), tracking_uri=tracker.uri, experiment=experiment, parent_run_id=parent,
+                     device=device, base=space.base, group=name, name=name, kind="search",
+                     stop_on_collapse=space.stop_on_collapse)
+    state = SearchState(name=name, space=space, context=ctx, storage_url=storage_url, ray_address=ray_address,
+                        protocol=protocol, references=references)
+    state.folder.mkdir(parents=True)
+    state.save()
+    tracker.log_files(parent, {Path(space.source).name: space.text, "search.json": state.to_json(redacted=True)})
+    return _drive(state, resume=False, verbose=verbose, listener=listener)
 
 
-@dataclass
-class SearchReport:
-    """Where a search stands after `start` or `resume` returned."""
+def resume(name: str, *, ray_address: str | None = None, verbose: bool = False, listener: Any = None) -> SearchReport:
+    """Continue an interrupted search: finished trials are not rerun and no trial gets a second MLflow run."""
+    from agch.runs.driver import start_ray
 
-    name: str
-    interrupted: bool
-    outcomes: list
-    """agch.runs.driver.TrialOutcome per Tune trial, in start order."""
-    best: dict | None
-    """the best Optuna trial (params, values, tune_trial_ids, run_ids), or None when none finished."""
-    best_config: Path | None
-    """a YAML file `agch-train --config` accepts, for the best trial."""
-    protocol: str
-    """what the objective's numbers are (metric, bits, split, queries, dataset)."""
-    references: dict
-    """random ranking and CCA+ITQ on the trials' queries (agch.method.baselines.reference_scores)."""
-    test: dict | None
-    """the best settings' test-query metrics (trained once more, scored once), or None."""
-    test_protocol: str | None
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str
-    storage_url: str
-    notes: list[str] = field(default_factory=list)
-    ui: str = ""
-    """how to open the MLflow UI on this search's runs (agch.runs.ui.ui_hint)."""
-
-
-def searches_root() -> Path:
-    """Where each search keeps its state and Ray Tune experiment: <AGCH home>/searches/NAME."""
-    from agch.paths import home
-
-    return home() / "searches"
-
-
-def default_storage_url(tracking_uri: str | None = None) -> str:
-    """The embedded Optuna store: an SQLite file beside the MLflow SQLite store (under the AGCH home otherwise)."""
-    from agch.paths import home
-
-    if tracking_uri and tracking_uri.startswith("sqlite:///"):
-        return f"sqlite:///{Path(tracking_uri[len('sqlite:///'):]).parent / 'optuna.db'}"
-    home().mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home() / 'optuna.db'}"
-
-
-def open_storage(url: str) -> Any:
-    """The Optuna storage at `url` (SQLite, PostgreSQL, MySQL); UserError when it cannot be reached."""
-    import optuna
-
-    engine = {"connect_args": {"connect_timeout": 10}} if url.startswith("postgresql") else {}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as err:  # SQLAlchemy raises many kinds; all mean the same thing here
-        raise UserError(f"Optuna storage {redact(url)} is unreachable: {str(err).splitlines()[0]}") from None
+    state = SearchState.load(name)
+    if state.finished:
+        return _finish(state, None, interrupted=False, notes=[f"search {name} had already finished; nothing was run"])
+    state.ray_address = ray_address or state.ray_address
+    say = _steps(listener)
+    say("opening the MLflow tracking store and the Optuna storage")
+    tracker = open_tracker(state.context.tracking_uri, state.context.experiment, wait=False)
+    open_storage(state.storage_url)
+    say(f"connecting to the Ray cluster at {state.ray_address}" if state.ray_address else "starting a local Ray")
+    start_ray(state.ray_address, {"cpu": state.space.cpus, "gpu": state.space.gpus}, verbose=verbose)
+    tracker.reopen(state.context.parent_run_id)
+    return _drive(state, resume=True, verbose=verbose, listener=listener)
 
 
 def _protocol(dataset: Path, space: SearchSpace) -> tuple[str, str, dict[str, float]]:
     """Opens (so validates) the dataset; what the objective's numbers will mean (all but the metric's name) in full
     and in short, and the reference scores (random ranking, CCA+ITQ at the base bits) on the same queries."""
-    from agch.method.baselines import reference_scores
     from agch.data.dataset import open_dataset
     from agch.evaluation.protocol import describe_protocol, protocol_of, short_protocol
+    from agch.method.baselines import reference_scores
 
     base = cfg.from_flat(space.base)
     with open_dataset(dataset) as data:
@@ -118,50 +131,12 @@ def _steps(listener: Any) -> Any:
     return getattr(listener, "on_step", None) or (lambda text: None)
 
 
-def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | None = None,
-          experiment: str = "agch-search", storage_url: str | None = None, ray_address: str | None = None,
-          device: str = "auto", verbose: bool = False, listener: Any = None) -> SearchReport:
-    """Run a new search: check every store first, then one MLflow parent run, one Optuna study, Ray Tune trials.
-
-    `listener` (optional, e.g. agch.cli.search.LiveTable) gets on_start(name, space, protocol), on_result(trial_id,
-    params, result) and on_complete(outcome) on the driver.
-
-    Example:
-        >>> report = start(load_space("spaces/delta_gamma.yaml", trials=2, epochs=1))  # doctest: +SKIP
-        >>> report.best["params"]  # doctest: +SKIP
-    """
-    from datetime import datetime
-
-    import optuna
-
-    from agch.paths import default_dataset
-    from agch.runs.driver import start_ray
-    from agch.runs.context import RunContext
-
-    name = name or f"{Path(space.source).stem}-{datetime.now():%Y%m%d-%H%M%S}"
-    need(NAME_PATTERN.fullmatch(name) is not None, "--name", f"use letters, digits, '.', '_', '-'; got {name!r}")
-    folder = searches_root() / name
-    need(not folder.exists(), "--name", f"a search named {name} exists; continue it with "
-          f"`agch-search resume {name}` or choose another name")
-    say = _steps(listener)
-    say("opening the MLflow tracking store and the Optuna storage")
-    tracker = open_tracker(tracking_uri, experiment, wait=False)
-    storage_url = storage_url or default_storage_url(tracker.uri)
-    storage = open_storage(storage_url)
-    need(name not in [s.study_name for s in storage.get_all_studies()], "--name",
-          f"the Optuna storage {redact(storage_url)} already holds a study named {name}")
-    need(space.gpus > 0 or not device.startswith("cuda"), "--device", "cuda needs resources.gpus > 0")
-    dataset = Path(space.dataset) if space.dataset else default_dataset()
-    say("checking the dataset; the references on the trials' queries (random ranking, CCA+ITQ) are computed once "
-        "per dataset and code length (~30 s on 2 CPU cores), then cached")
-    described, short, references = _protocol(dataset, space)
-    protocol = f"{' & '.join(describe_metric(m) for m in space.metrics)}, {described}"
-    say(f"connecting to the Ray cluster at {ray_address}" if ray_address else "starting a local Ray")
-    start_ray(ray_address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
-
+def _start_parent(tracker: Any, name: str, space: SearchSpace, protocol: str, storage: str,
+                  references: dict[str, float], dataset: Path) -> str:
+    """The search's MLflow parent run (its settings as params, the references as metrics) and the saved view of
+    its trials that the printed link opens."""
     parent = tracker.start_run(name, tags={"agch.kind": "search", "agch.group": name, "agch.name": name,
-                                           "optuna.study": name,
-                                           "optuna.storage": redact(storage_url), "agch.protocol": protocol})
+                                           "optuna.study": name, "optuna.storage": storage, "agch.protocol": protocol})
     tracker.log_params(parent, {
         "space_file": space.source, "preset": space.preset, "searched": ",".join(p.name for p in space.parameters),
         "sampler": space.sampler, "sampler_seed": space.sampler_seed, "sampler_options": space.sampler_options,
@@ -175,8 +150,15 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
               first=[f"metrics.`{m}`" for m in space.metrics] + [f"params.`{p.name}`" for p in space.parameters],
               then=["metrics.`epoch`", "tags.`agch.status`"] + [f"metrics.`{m}`" for m in ("mapall_mean",)
                                                                 if m not in space.metrics])
-    # the study names its objectives with their protocol, short enough for optuna-dashboard's axis labels, and holds
-    # the whole protocol and the MLflow parent run as user attributes; the searcher loads it
+    return parent
+
+
+def _create_study(storage: Any, name: str, space: SearchSpace, tracker: Any, parent: str, protocol: str,
+                  short: str, verbose: bool) -> None:
+    """The search's Optuna study: its objectives named with their protocol, short enough for optuna-dashboard's axis
+    labels; the whole protocol and the MLflow parent run as study user attributes. The searcher loads it."""
+    import optuna
+
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     direction = {"max": "maximize", "min": "minimize"}[space.mode]
     study = optuna.create_study(study_name=name, storage=storage, directions=[direction] * len(space.metrics))
@@ -185,82 +167,33 @@ def start(space: SearchSpace, *, name: str | None = None, tracking_uri: str | No
         study.set_metric_names([f"{describe_metric(m)}, {short}" for m in space.metrics])
     study.set_user_attr("protocol", protocol)
     study.set_user_attr("mlflow_parent_run", run_page(tracker, parent))
-    ctx = RunContext(dataset=str(dataset), tracking_uri=tracker.uri, experiment=experiment, parent_run_id=parent,
-                     device=device, base=space.base, group=name, name=name, kind="search",
-                     stop_on_collapse=space.stop_on_collapse)
-    state = {"name": name, "space": dataclasses.asdict(space), "context": dataclasses.asdict(ctx),
-             "storage_url": storage_url, "ray_address": ray_address, "protocol": protocol, "references": references,
-             "finished": False}
-    folder.mkdir(parents=True)
-    _save_state(state)
-    tracker.log_files(parent, {Path(space.source).name: space.text,
-                               "search.json": {**state, "storage_url": redact(storage_url)}})
-    return _drive(state, resume=False, verbose=verbose, listener=listener)
 
 
-def resume(name: str, *, ray_address: str | None = None, verbose: bool = False, listener: Any = None) -> SearchReport:
-    """Continue an interrupted search: finished trials are not rerun and no trial gets a second MLflow run."""
-    from agch.runs.driver import start_ray
-
-    path = searches_root() / name / "search.json"
-    if not path.is_file():
-        known = [p.parent.name for p in searches_root().glob("*/search.json")]
-        raise unknown("search", name, known, f"under {searches_root()}")
-    state = json.loads(path.read_text())
-    if state["finished"]:
-        return _finish(state, None, interrupted=False, notes=[f"search {name} had already finished; nothing was run"])
-    if ray_address:
-        state["ray_address"] = ray_address
-    say = _steps(listener)
-    say("opening the MLflow tracking store and the Optuna storage")
-    tracker = open_tracker(state["context"]["tracking_uri"], state["context"]["experiment"], wait=False)
-    open_storage(state["storage_url"])
-    space = _space_from_state(state)
-    address = state["ray_address"]
-    say(f"connecting to the Ray cluster at {address}" if address else "starting a local Ray")
-    start_ray(address, {"cpu": space.cpus, "gpu": space.gpus}, verbose=verbose)
-    tracker.reopen(state["context"]["parent_run_id"])
-    return _drive(state, resume=True, verbose=verbose, listener=listener)
-
-
-def _save_state(state: dict) -> None:
-    (searches_root() / state["name"] / "search.json").write_text(json.dumps(state, indent=2, default=str))
-
-
-def _space_from_state(state: dict) -> SearchSpace:
-    fields_ = dict(state["space"])
-    fields_["parameters"] = [Parameter(**{**p, "choices": tuple(p["choices"])}) for p in fields_["parameters"]]
-    return SearchSpace(**fields_)
-
-
-def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> SearchReport:
+def _drive(state: SearchState, *, resume: bool, verbose: bool, listener: Any) -> SearchReport:
     """Run or continue the Tune trials, then write the search's summary artifacts whatever happened."""
     import optuna
 
     from agch.runs.driver import run_trials
-    from agch.runs.context import RunContext
+    from agch.runs.searcher import StudySearch
     from agch.runs.tracking import outage_hint
 
-    space, ctx = _space_from_state(state), RunContext(**state["context"])
+    space, ctx = state.space, state.context
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
-    from agch.runs import searcher
-
-    tracker = open_tracker(ctx.tracking_uri, ctx.experiment)
-    storage = open_storage(state["storage_url"])
-    search_alg = searcher.StudySearch(
+    tracker, storage = open_tracker(ctx.tracking_uri, ctx.experiment), open_storage(state.storage_url)
+    search_alg = StudySearch(
         space={p.name: p.distribution() for p in space.parameters}, metrics=space.metrics, mode=space.mode,
-        study=optuna.load_study(study_name=state["name"], storage=storage, sampler=make_sampler(space)),
+        study=optuna.load_study(study_name=state.name, storage=storage, sampler=make_sampler(space)),
         storage=storage, seeds=space.seeds, run_link=run_page(tracker, "{}"))
     if listener is not None:
-        listener.on_start(state["name"], space, state["protocol"], state["references"])
+        listener.on_start(state.name, space, state.protocol, state.references)
     interrupted, found = False, None
-    with outage_hint(ctx.tracking_uri, f"agch-search resume {state['name']}"):
+    with outage_hint(ctx.tracking_uri, f"agch-search resume {state.name}"):
         try:
             found = run_trials(
                 ctx, param_space={}, num_samples=space.trials * space.seeds, search_alg=search_alg,
                 scheduler=make_scheduler(space), metric=space.metrics[0], mode=space.mode,
                 resources={"cpu": space.cpus, "gpu": space.gpus}, max_concurrent=space.concurrency,
-                storage_dir=searches_root(), name=state["name"], ray_address=state["ray_address"], resume=resume,
+                storage_dir=searches_root(), name=state.name, ray_address=state.ray_address, resume=resume,
                 time_budget_s=space.time_budget_s, verbose=verbose, on_result=getattr(listener, "on_result", None),
                 on_complete=getattr(listener, "on_complete", None))
         except KeyboardInterrupt:
@@ -272,84 +205,102 @@ def _drive(state: dict, *, resume: bool, verbose: bool, listener: Any) -> Search
         return _finish(state, found, interrupted=interrupted, notes=list(space.notes), say=_steps(listener))
 
 
-def _finish(state: dict, found: list | None, *, interrupted: bool, notes: list[str],
+def _finish(state: SearchState, found: list | None, *, interrupted: bool, notes: list[str],
             say: Any = lambda text: None) -> SearchReport:
-    """Best trial, its config, the trial table and the plots onto the parent run, the test run; close the parent.
-
-    `found` is what run_trials returned; None reports a search that had already finished, recording nothing.
-    """
+    """The chosen trial and its test run, then (unless `found` is None: a search that had already finished, whose
+    report records nothing) everything onto the parent run, which is closed."""
     import optuna
 
-    from agch.runs.driver import STATES, outcomes
     from agch.experiments.search_plots import draw_plots
-    from agch.runs.context import RunContext, trial_config
+    from agch.runs.driver import outcomes
 
-    space, ctx, name = _space_from_state(state), RunContext(**state["context"]), state["name"]
+    space, ctx, name = state.space, state.context, state.name
     tracker = open_tracker(ctx.tracking_uri, ctx.experiment)
     trials = outcomes(ctx) if found is None else found
     interrupted = interrupted or len(trials) < space.trials * space.seeds or any(
         o.status == "interrupted" for o in trials)
-    study = optuna.load_study(study_name=name, storage=open_storage(state["storage_url"]))
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    best, best_config, files = None, None, {}
-    if done:
-        front = [study.best_trial] if len(space.metrics) == 1 else study.best_trials
-        sign = 1 if space.mode == "max" else -1
-        chosen = max(front, key=lambda t: sign * sum(t.values))
-        ids = chosen.user_attrs.get("tune_trial_ids", [])
-        runs = [o for o in trials if o.trial_id in ids]
-        best = {"name": chosen.user_attrs.get("name", f"t{chosen.number}"), "optuna_trial": chosen.number,
-                "params": chosen.params, "values": dict(zip(space.metrics, chosen.values, strict=True)),
-                "run_ids": [o.run_id for o in runs], "run_names": [o.name for o in runs],
-                "run_links": [run_page(tracker, o.run_id) for o in runs], "tune_trial_ids": ids,
-                "pareto_front": [t.number for t in front], "protocol": state["protocol"]}
-        best_config = searches_root() / name / "best_config.yaml"
-        # the chosen settings, trained and scored as the final test run is: on the test queries
-        config_yaml = {"preset": space.preset, **cfg.to_flat(trial_config(ctx, chosen.params)), "eval_split": "test"}
-        files.update({"best_trial.json": json.dumps(best, indent=2, default=str), "best_config.yaml": config_yaml})
+    study = optuna.load_study(study_name=name, storage=open_storage(state.storage_url))
+    chosen = _chosen(study, space)
+    best = None if chosen is None else _best(chosen, study, state, trials, tracker)
     with ThreadPoolExecutor(max_workers=1) as background:
         # the plots need only the finished study: drawn while the test run starts and trains (its new process
         # imports on one core while the driver waits)
-        plotted = background.submit(draw_plots, study, space, state["protocol"]) if found is not None else None
+        plotted = background.submit(draw_plots, study, space, state.protocol) if found is not None else None
         if found is not None and best is not None and not interrupted and space.base["eval_split"] == "validation":
             say(f"training the chosen settings {best['name']} once more on the whole training split "
                 f"({space.seeds} seed(s)) and scoring them once on the test queries")
-            state["test"], state["test_protocol"] = _test_best(state, chosen.params, f"chosen settings {best['name']}")
-            interrupted = state["test"] is None and state["test_protocol"] is None
-    report = SearchReport(name=name, interrupted=interrupted, outcomes=trials, best=best, best_config=best_config,
-                          protocol=state["protocol"], references=state["references"], test=state.get("test"),
-                          test_protocol=state.get("test_protocol"), tracking_uri=ctx.tracking_uri,
-                          experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
-                          storage_url=redact(state["storage_url"]), notes=notes,
+            state.test, state.test_protocol = _test_best(state, chosen.params, f"chosen settings {best['name']}")
+            interrupted = state.test is None and state.test_protocol is None
+    report = SearchReport(name=name, interrupted=interrupted, outcomes=trials, best=best,
+                          best_config=state.folder / "best_config.yaml" if best else None, protocol=state.protocol,
+                          references=state.references, test=state.test, test_protocol=state.test_protocol,
+                          tracking_uri=ctx.tracking_uri, experiment=ctx.experiment, parent_run_id=ctx.parent_run_id,
+                          storage_url=redact(state.storage_url), notes=notes,
                           ui=ui_hint(tracker, name, space.metrics[0], ctx.parent_run_id))
-    if found is None:
-        return report
-    say("writing the plots, trials.csv and the summary onto the search's parent run")
-    if best is not None:
-        best_config.write_text(yaml.safe_dump(files["best_config.yaml"], sort_keys=False))
-        tracker.log_metrics(ctx.parent_run_id, {f"best_{m}": v for m, v in best["values"].items()}, step=len(done))
-        # tags, not params: an interrupted search records its best so far, and a resume may change it
-        tracker.set_tags(ctx.parent_run_id, {"agch.best_trial": best["name"], "agch.best_tune_trials": ",".join(ids),
-                                             "agch.best_run": ",".join(best["run_ids"]),
-                                             **{f"agch.best.{k}": v for k, v in chosen.params.items()}})
-    if study.trials:
-        files["trials.csv"] = _trials_csv(study, space, trials)
-    plots, skipped = plotted.result()
-    files.update(plots)
-    notes += skipped
-    counts = {f"trials_{s}": sum(o.status == s for o in trials) for s in STATES}
-    tracker.log_metrics(ctx.parent_run_id, counts, step=len(trials))
-    tracker.log_files(ctx.parent_run_id, files)
-    tracker.set_tags(ctx.parent_run_id, {"agch.search_state": "interrupted" if interrupted else "finished"})
-    from agch.experiments.results import experiment_note, search_table
-
-    parent = tracker.run(ctx.parent_run_id)
-    set_description(tracker, ctx.parent_run_id, search_table(tracker, name, markdown=True, parent=parent))
-    describe_experiment(tracker, experiment_note(tracker, name, parent, ui_link(tracker, name, space.metrics[0])))
-    tracker.end_run(ctx.parent_run_id, "KILLED" if interrupted else "FINISHED")
-    state["finished"] = not interrupted
-    _save_state(state)
+    if found is not None:
+        say("writing the plots, trials.csv and the summary onto the search's parent run")
+        plots, skipped = plotted.result()
+        notes += skipped
+        _record_end(state, tracker, study, trials, chosen, best, plots, interrupted)
     return report
+
+
+def _chosen(study: Any, space: SearchSpace) -> Any | None:
+    """The finished Optuna trial the search chooses (the best; with two objectives, the Pareto front's best sum)."""
+    import optuna
+
+    if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
+        return None
+    front = [study.best_trial] if len(space.metrics) == 1 else study.best_trials
+    return max(front, key=lambda t: (1 if space.mode == "max" else -1) * sum(t.values))
+
+
+def _best(chosen: Any, study: Any, state: SearchState, trials: list, tracker: Any) -> dict[str, Any]:
+    """The chosen trial as best_trial.json holds it: its name, Optuna number, params, values, MLflow runs."""
+    ids = chosen.user_attrs.get("tune_trial_ids", [])
+    runs = [o for o in trials if o.trial_id in ids]
+    front = [study.best_trial] if len(state.space.metrics) == 1 else study.best_trials
+    return {"name": chosen.user_attrs.get("name", f"t{chosen.number}"), "optuna_trial": chosen.number,
+            "params": chosen.params, "values": dict(zip(state.space.metrics, chosen.values, strict=True)),
+            "run_ids": [o.run_id for o in runs], "run_names": [o.name for o in runs],
+            "run_links": [run_page(tracker, o.run_id) for o in runs], "tune_trial_ids": ids,
+            "pareto_front": [t.number for t in front], "protocol": state.protocol}
+
+
+def _record_end(state: SearchState, tracker: Any, study: Any, trials: list, chosen: Any | None,
+                best: dict | None, plots: dict[str, bytes], interrupted: bool) -> None:
+    """The search's end onto its parent run (best settings, trial table, plots, counts, descriptions), the
+    experiment's description, and its state; the parent closed (KILLED when interrupted: a resume continues it)."""
+    from agch.experiments.results import experiment_note, search_table
+    from agch.runs.context import trial_config
+    from agch.runs.driver import STATES
+
+    ctx, parent = state.context, state.context.parent_run_id
+    files: dict[str, Any] = dict(plots)
+    if best is not None:
+        # the chosen settings, trained and scored as the final test run is: on the test queries
+        config = {"preset": state.space.preset, **cfg.to_flat(trial_config(ctx, chosen.params)), "eval_split": "test"}
+        (state.folder / "best_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        files.update({"best_trial.json": json.dumps(best, indent=2, default=str), "best_config.yaml": config})
+        done = sum(t.state.name == "COMPLETE" for t in study.trials)
+        tracker.log_metrics(parent, {f"best_{m}": v for m, v in best["values"].items()}, step=done)
+        # tags, not params: an interrupted search records its best so far, and a resume may change it
+        tracker.set_tags(parent, {"agch.best_trial": best["name"], "agch.best_tune_trials": ",".join(
+            best["tune_trial_ids"]), "agch.best_run": ",".join(best["run_ids"]),
+                                  **{f"agch.best.{k}": v for k, v in chosen.params.items()}})
+    if study.trials:
+        files["trials.csv"] = _trials_csv(study, state.space, trials)
+    tracker.log_metrics(parent, {f"trials_{s}": sum(o.status == s for o in trials) for s in STATES},
+                        step=len(trials))
+    tracker.log_files(parent, files)
+    tracker.set_tags(parent, {"agch.search_state": "interrupted" if interrupted else "finished"})
+    run = tracker.run(parent)
+    set_description(tracker, parent, search_table(tracker, state.name, markdown=True, parent=run))
+    describe_experiment(tracker, experiment_note(tracker, state.name, run,
+                                                 ui_link(tracker, state.name, state.space.metrics[0])))
+    tracker.end_run(parent, "KILLED" if interrupted else "FINISHED")
+    state.finished = not interrupted
+    state.save()
 
 
 def _trials_csv(study: Any, space: SearchSpace, trials: list) -> str:
@@ -374,7 +325,7 @@ def _trials_csv(study: Any, space: SearchSpace, trials: list) -> str:
     return frame[first + [c for c in frame.columns if c not in first]].to_csv(index=False)
 
 
-def _test_best(state: dict, params: dict, label: str) -> tuple[dict | None, str | None]:
+def _test_best(state: SearchState, params: dict, label: str) -> tuple[dict | None, str | None]:
     """Train the chosen settings once more on the whole training split (every seed of the search) and score them
     on the test queries: the search's one look at them. Logged on the parent run as test_* metrics; the run is
     tagged agch.role=test and named 'test: ' + `label` + the settings.
@@ -384,18 +335,17 @@ def _test_best(state: dict, params: dict, label: str) -> tuple[dict | None, str 
     """
     from ray import tune
 
+    from agch.runs.context import SEED_OFFSET, trial_config
     from agch.runs.driver import run_trials
-    from agch.runs.context import SEED_OFFSET, RunContext, trial_config
 
-    space, ctx = _space_from_state(state), RunContext(**state["context"])
+    space, ctx = state.space, state.context
     test_ctx = dataclasses.replace(ctx, base={**ctx.base, "eval_split": "test"}, group=f"{ctx.group}.test",
                                    stop_on_collapse=False, role="test", label=label)
     seeds = {SEED_OFFSET: tune.grid_search(list(range(space.seeds)))} if space.seeds > 1 else {}
-    folder = searches_root() / state["name"]
     found = run_trials(test_ctx, param_space={**params, **seeds}, metric="epoch", mode="max",
                        resources={"cpu": space.cpus, "gpu": space.gpus}, max_concurrent=space.concurrency,
-                       storage_dir=folder, name="test", ray_address=state["ray_address"],
-                       resume=(folder / "test").is_dir())
+                       storage_dir=state.folder, name="test", ray_address=state.ray_address,
+                       resume=(state.folder / "test").is_dir())
     if any(o.status == "interrupted" for o in found) or len(found) < space.seeds:
         return None, None
     if any(o.status != "finished" for o in found):
