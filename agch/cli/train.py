@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from agch.method.baselines import METHODS
 from agch.cli.common import add_common_options, config_from_args, dataset_path, run_main
@@ -34,15 +35,12 @@ def describe(metrics: dict[str, float], protocol: dict, k: int) -> str:
 
 
 def run(argv: list[str] | None) -> int:
-    from tqdm import tqdm
-
     from agch.config import to_flat
     from agch.data.dataset import open_dataset
     from agch.evaluation.protocol import describe_protocol, protocol_of
     from agch.runs.tracking import Tracker
     from agch.runs.record import run_tags
     from agch.method.device import resolve_device
-    from agch.method.train import train
 
     args = build_parser().parse_args(argv)
     preset, config = config_from_args(args)
@@ -66,29 +64,38 @@ def run(argv: list[str] | None) -> int:
 
             result = cca_itq(config, data)
             return _report(result, config, tracker, run_id, args.experiment)
-        bar = tqdm(total=config.epochs, desc="agch-train", unit="epoch", file=sys.stderr)
-        last_map = "n/a"
-
-        def on_epoch(report) -> None:
-            nonlocal last_map
-            if report.metrics:
-                last_map = f"{report.metrics[f'map{config.topk}_mean']:.4f}"
-            bar.set_postfix_str(f"loss {report.losses['total']:.4g}  mAP@{config.topk}(mean) {last_map}")
-            bar.update(1)
-            if tracker is not None:
-                tracker.log_metrics(run_id, {f"loss_{k}": v for k, v in report.losses.items()}, report.epoch)
-                if report.metrics:
-                    tracker.log_metrics(run_id, report.metrics, report.epoch)
-
-        try:
-            result = train(config, data, on_epoch, device=device)
-        except BaseException:
-            bar.close()
-            if tracker is not None:
-                tracker.end_run(run_id, "KILLED")
-            raise
-        bar.close()
+        result = _train_with_progress(config, data, device, tracker, run_id)
         return _report(result, config, tracker, run_id, args.experiment)
+
+
+def _train_with_progress(config: Any, data: Any, device: str, tracker: Any, run_id: str | None) -> Any:
+    """train() with a progress bar and each epoch's losses and metrics logged; the run KILLED if it is stopped."""
+    from tqdm import tqdm
+
+    from agch.method.train import train
+
+    bar = tqdm(total=config.epochs, desc="agch-train", unit="epoch", file=sys.stderr)
+    last_map = "n/a"
+
+    def on_epoch(report: Any) -> None:
+        nonlocal last_map
+        if report.metrics:
+            last_map = f"{report.metrics[f'map{config.topk}_mean']:.4f}"
+        bar.set_postfix_str(f"loss {report.losses['total']:.4g}  mAP@{config.topk}(mean) {last_map}")
+        bar.update(1)
+        if tracker is not None:
+            tracker.log_metrics(run_id, {f"loss_{k}": v for k, v in report.losses.items()}, report.epoch)
+            if report.metrics:
+                tracker.log_metrics(run_id, report.metrics, report.epoch)
+
+    try:
+        return train(config, data, on_epoch, device=device)
+    except BaseException:
+        if tracker is not None:
+            tracker.end_run(run_id, "KILLED")
+        raise
+    finally:
+        bar.close()
 
 
 def _report(result, config, tracker, run_id: str | None, experiment: str) -> int:

@@ -271,18 +271,9 @@ def load_space(arg: str, *, layers: list[cfg.Layer] = (), preset: str | None = N
         raise unknown("sampler", sampler.name, SAMPLERS, where("sampler", "name"))
     if scheduler.name not in SCHEDULERS:
         raise unknown("scheduler", scheduler.name, SCHEDULERS, where("scheduler", "name"))
-    budget, grace = scheduler.epochs or base.epochs, scheduler.grace_period
-    need(1 <= grace <= budget, where("scheduler", "grace_period"), f"must be in [1, epochs={budget}], got {grace}")
-    if epochs is not None:
-        need(epochs >= 1, "--epochs", f"must be >= 1, got {epochs}")
-        budget, grace = epochs, min(grace, epochs)
+    budget, grace = _budget(scheduler, base.epochs, epochs, where)
     base = cfg.apply(base, {"epochs": budget})
-
-    metrics = objective.metrics or [objective.metric or f"map{base.topk}_mean"]
-    known = [f"map{base.topk}_{d}" for d in ("i2t", "t2i", "mean")] + [f"mapall_{d}" for d in ("i2t", "t2i", "mean")]
-    for metric in metrics:
-        if metric not in known:
-            raise unknown("objective metric", metric, known, where("objective"))
+    metrics = _objective(objective, base.topk, where)
     gpus = doc.resources.gpus
     need(gpus >= 0 and (gpus <= 1 or gpus.is_integer()), where("resources", "gpus"),
          f"must be a fraction in [0, 1] or a whole number of GPUs, got {gpus}")
@@ -299,6 +290,27 @@ def load_space(arg: str, *, layers: list[cfg.Layer] = (), preset: str | None = N
                         time_budget_s=_duration(doc.time_budget, where("time_budget")),
                         stop_on_collapse=scheduler.stop_on_collapse)
     return _check_sampler(space, where)
+
+
+def _budget(scheduler: SchedulerSpec, preset_epochs: int, epochs: int | None, where: Where) -> tuple[int, int]:
+    """(epochs, grace period): the file's scheduler.epochs (else the preset's), --epochs over it, the grace period
+    lowered to fit."""
+    budget, grace = scheduler.epochs or preset_epochs, scheduler.grace_period
+    need(1 <= grace <= budget, where("scheduler", "grace_period"), f"must be in [1, epochs={budget}], got {grace}")
+    if epochs is not None:
+        need(epochs >= 1, "--epochs", f"must be >= 1, got {epochs}")
+        budget, grace = epochs, min(grace, epochs)
+    return budget, grace
+
+
+def _objective(objective: ObjectiveSpec, topk: int, where: Where) -> list[str]:
+    """The objective's metric names (one or two), each one the trainer logs."""
+    metrics = objective.metrics or [objective.metric or f"map{topk}_mean"]
+    known = [f"map{topk}_{d}" for d in ("i2t", "t2i", "mean")] + [f"mapall_{d}" for d in ("i2t", "t2i", "mean")]
+    for metric in metrics:
+        if metric not in known:
+            raise unknown("objective metric", metric, known, where("objective"))
+    return metrics
 
 
 def _check_sampler(space: SearchSpace, where: Where) -> SearchSpace:

@@ -26,11 +26,10 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray import tune
 
     from agch.data.dataset import open_dataset
-    from agch.runs.record import log_result, run_tags
     from agch.method.train import train
+    from agch.runs.record import log_result
 
     context = RunContext(**ctx)
-    trial_id = tune.get_context().get_trial_id()
     config = trial_config(context, params)
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
@@ -41,66 +40,13 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
-
     with open_dataset(context.dataset) as data:
-        slot = trial_slot(context, params)
-        recorded = tracker.find_trial_run(context.group, slot)
-        if recorded is not None and recorded.info.status in ("FINISHED", "FAILED"):
-            tracker.set_tags(recorded.info.run_id, {"agch.trial_id": trial_id})
-            _replay(recorded)  # ended before the driver went down: never train it twice
-            return
-        attempt = 1
-        if recorded is not None:  # a retry, a restored trial, or one in a lost trial's place: continue that run
-            run_id = recorded.info.run_id
-            attempt = int(recorded.data.tags.get("agch.attempts", "1")) + 1
-            tracker.reopen(run_id)
-        else:
-            name = run_name(context, params, config)
-            label, described = context.name or context.group, run_tags(config, data)
-            tags = {**described, "agch.group": context.group, "agch.slot": slot, "agch.name": label,
-                    "agch.role": context.role, "agch.seed": str(config.seed),
-                    "mlflow.note.content": f"{context.kind or 'trial'} {label}, {name}: every mAP is {described['agch.protocol']}",
-                    "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
-            if TRIAL_NUMBER in params:
-                tags["agch.trial_number"] = str(params[TRIAL_NUMBER])
-            if SETTINGS in params:
-                tags["agch.arm"] = context.arm_labels.get(settings_key(params[SETTINGS]), "")
-            run_id = tracker.start_run(name, tags=tags, parent=context.parent_run_id)
-            tracker.log_params(run_id, cfg.to_flat(config))
-        tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": "", "agch.attempts": attempt,
-                                  "agch.trial_id": trial_id,
-                                  "ray.node_id": ray.get_runtime_context().get_node_id()})
-
-        period = checkpoint_period()
-        next_checkpoint = time.monotonic() + period  # the first after that much training
-
-        def on_epoch(report: Any) -> str | None:
-            nonlocal next_checkpoint
-            # one write per epoch: the losses, the epoch's time and, on the last epoch, not yet the metrics
-            # (log_result records the final ones with the run)
-            last = report.epoch >= config.epochs
-            tracker.log_metrics(run_id, {**{f"loss_{k}": v for k, v in report.losses.items()}, "epoch": report.epoch,
-                                         "epoch_seconds": report.seconds, **({} if last else report.metrics or {})},
-                                report.epoch)
-            if last:
-                return None  # the last epoch is reported after the run is complete (a scheduler may stop it at once)
-            result = {"epoch": report.epoch, "loss": report.losses["total"], RUN_ID: run_id}
-            if not report.metrics:
-                tune.report(result)
-                return None
-            if context.stop_on_collapse and report.metrics.get("collapsed"):
-                return f"stopped after epoch {report.epoch}: codes collapsed (fewer than 5% unique)"
-            if time.monotonic() < next_checkpoint:
-                tune.report({**result, **report.metrics})
-                return None
-            with tempfile.TemporaryDirectory() as folder:
-                torch.save(report.state(), Path(folder) / "state.pt")
-                tune.report({**result, **report.metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
-            next_checkpoint = time.monotonic() + period
-            return None
-
+        run_id = _open_run(tracker, context, params, config, data)
+        if run_id is None:
+            return  # ended before the driver went down: replayed, never trained twice
         try:
-            result = train(config, data, on_epoch, device=context.device, resume=resume)
+            result = train(config, data, _Reporter(tracker, run_id, context, config), device=context.device,
+                           resume=resume)
         except Exception as err:
             end_trial_run(tracker, run_id, "failed", f"{type(err).__name__}: {err}")
             raise TrialFailed(f"{type(err).__name__}: {err}") from err
@@ -111,6 +57,82 @@ def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
         # collapsed codes are a result (tagged agch.collapsed): a sampler must learn where they happen
         end_trial_run(tracker, run_id, "finished", result.reason)
     tune.report({**result.metrics, "epoch": result.epochs_run, RUN_ID: run_id, FINAL: 1})
+
+
+def _open_run(tracker: RetryingTracker, context: RunContext, params: dict[str, Any], config: cfg.Config,
+              data: Any) -> str | None:
+    """The trial's MLflow run, found by its slot and continued (a retry, a restored trial, or one in a lost
+    trial's place) or created; None when the slot's run had already ended, which is then replayed to Tune."""
+    import ray
+    from ray import tune
+
+    from agch.runs.record import run_tags
+
+    trial_id, slot = tune.get_context().get_trial_id(), trial_slot(context, params)
+    recorded = tracker.find_trial_run(context.group, slot)
+    if recorded is not None and recorded.info.status in ("FINISHED", "FAILED"):
+        tracker.set_tags(recorded.info.run_id, {"agch.trial_id": trial_id})
+        _replay(recorded)
+        return None
+    attempt = 1
+    if recorded is not None:
+        run_id = recorded.info.run_id
+        attempt = int(recorded.data.tags.get("agch.attempts", "1")) + 1
+        tracker.reopen(run_id)
+    else:
+        name = run_name(context, params, config)
+        label, described = context.name or context.group, run_tags(config, data)
+        tags = {**described, "agch.group": context.group, "agch.slot": slot, "agch.name": label,
+                "agch.role": context.role, "agch.seed": str(config.seed),
+                "mlflow.note.content": f"{context.kind or 'trial'} {label}, {name}: every mAP is "
+                                       f"{described['agch.protocol']}",
+                "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
+        if TRIAL_NUMBER in params:
+            tags["agch.trial_number"] = str(params[TRIAL_NUMBER])
+        if SETTINGS in params:
+            tags["agch.arm"] = context.arm_labels.get(settings_key(params[SETTINGS]), "")
+        run_id = tracker.start_run(name, tags=tags, parent=context.parent_run_id)
+        tracker.log_params(run_id, cfg.to_flat(config))
+    tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": "", "agch.attempts": attempt,
+                              "agch.trial_id": trial_id, "ray.node_id": ray.get_runtime_context().get_node_id()})
+    return run_id
+
+
+class _Reporter:
+    """The trainer's epoch callback in a trial: one MLflow write per epoch, one Tune report per epoch but the
+    last (reported after the run is complete), a checkpoint at most every checkpoint_period() seconds, and the stop
+    at a collapsed evaluation when the search asks for it."""
+
+    def __init__(self, tracker: RetryingTracker, run_id: str, context: RunContext, config: cfg.Config):
+        self.tracker, self.run_id, self.context, self.config = tracker, run_id, context, config
+        self.period = checkpoint_period()
+        self.next_checkpoint = time.monotonic() + self.period  # the first after that much training
+
+    def __call__(self, report: Any) -> str | None:
+        import torch
+        from ray import tune
+
+        # the losses, the epoch's time and, but on the last epoch, the metrics (log_result records the final ones)
+        last = report.epoch >= self.config.epochs
+        self.tracker.log_metrics(self.run_id, {**{f"loss_{k}": v for k, v in report.losses.items()},
+                                               "epoch": report.epoch, "epoch_seconds": report.seconds,
+                                               **({} if last else report.metrics or {})}, report.epoch)
+        if last:
+            return None  # the last epoch is reported after the run is complete (a scheduler may stop it at once)
+        result = {"epoch": report.epoch, "loss": report.losses["total"], RUN_ID: self.run_id}
+        if not report.metrics:
+            tune.report(result)
+            return None
+        if self.context.stop_on_collapse and report.metrics.get("collapsed"):
+            return f"stopped after epoch {report.epoch}: codes collapsed (fewer than 5% unique)"
+        if time.monotonic() < self.next_checkpoint:
+            tune.report({**result, **report.metrics})
+            return None
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(report.state(), Path(folder) / "state.pt")
+            tune.report({**result, **report.metrics}, checkpoint=tune.Checkpoint.from_directory(folder))
+        self.next_checkpoint = time.monotonic() + self.period
+        return None
 
 
 def _replay(run: Any) -> None:
