@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from agch.experiments.ablation import RESULT_STATES, AblationRun
+from agch.experiments.ablation import AblationRun
+from agch.experiments.grid import RESULT_STATES
 from agch.experiments.ablation_plan import Comparison
 from agch.experiments.ablation_spec import DEFAULT_SEEDS
 

@@ -1,7 +1,7 @@
 """agch-table: the paper's Table II layout for one preset on one dataset, beside the published numbers.
 
 Rows I->T and T->I, columns 16/32/64/128 bits, each cell mean ± std over seeds. The cells (one config per code
-length) run as Ray Tune trials through the ablation driver (agch.experiments.ablation.run_plan), so a cell × seed already
+length) run as Ray Tune trials through the ablation driver's grids (agch.experiments.grid.run_plan), so a cell × seed already
 recorded in the tracking store with the same identity and precision is reused, and an interrupted table resumes.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from agch import config as cfg
-from agch.experiments.ablation import RESULT_STATES, AblationRun
+from agch.experiments.ablation import AblationRun
+from agch.experiments.grid import RESULT_STATES
 from agch.experiments.ablation_plan import Cell, Plan, cell_identity
 from agch.experiments.ablation_spec import AblationSpec
 
@@ -108,7 +109,7 @@ def run_table(name: str, preset: str, base: cfg.Config, bits: tuple[int, ...], s
         dataset: absolute path of the dataset file.
         Others: as agch.experiments.ablation.run_ablation.
     """
-    from agch.experiments.ablation import run_plan
+    from agch.experiments.grid import run_plan
     from agch.data.dataset import open_dataset
     from agch.evaluation.protocol import describe_protocol, protocol_of
     from agch.runs.tracking import open_tracker

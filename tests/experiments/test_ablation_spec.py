@@ -188,7 +188,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, cap
 
 
 def test_tune_groups_are_grids_whose_trials_are_exactly_the_plans() -> None:
-    from agch.experiments.ablation import group_identities, tune_groups
+    from agch.experiments.grid import group_identities, tune_groups
     from agch.runs.context import RunContext, trial_config
 
     plan = build_plan(load_spec(SHIPPED_DIR / "debug_log_story.yaml"), DS)
@@ -223,7 +223,7 @@ def test_toggles_switch_any_config_key_like_a_fix() -> None:
 
 
 def test_tune_groups_of_toggled_keys_rebuild_the_plans_configs() -> None:
-    from agch.experiments.ablation import group_identities, tune_groups
+    from agch.experiments.grid import group_identities, tune_groups
     from agch.runs.context import RunContext, trial_config
 
     plan = build_plan(spec(design="one-fix", fixes=[], toggles={"feature_norm": ["none", "standardize"]}), DS)
@@ -289,7 +289,7 @@ IDS = {"alexnet": "a" * 16, "vgg16": "b" * 16}
 
 
 def test_datasets_axis_compares_every_cell_on_both_datasets_paired_cell_by_cell(tmp_path) -> None:
-    from agch.experiments.ablation import group_identities, tune_groups
+    from agch.experiments.grid import group_identities, tune_groups
 
     path = tmp_path / "extractor.yaml"
     path.write_text(yaml.safe_dump({"name": "extractor", "design": "one-fix", "datasets": {
