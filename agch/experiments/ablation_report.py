@@ -71,7 +71,8 @@ def protocol_line(run: AblationRun) -> str:
 def report_tables(run: AblationRun, results: list[ComparisonResult]) -> dict[str, str]:
     """The report as console text, markdown and CSV (comparisons and trials)."""
     from agch.method.baselines import describe_references
-    from agch.experiments.statistics import CONFIDENCE, csv_text, interval, markdown_table, p_text, text_table
+    from agch.experiments.formatting import csv_text, markdown_table, text_table
+    from agch.experiments.statistics import CONFIDENCE, interval, p_text
 
     labels = map_metrics(run.topk)
     ci = f"{CONFIDENCE:.0%} CI"
@@ -150,7 +151,6 @@ def provenance_notes(run: AblationRun) -> list[str]:
 
 def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str, str]) -> None:
     """Log the report and the effect plot on the parent run and close it (KILLED when interrupted)."""
-    from agch.experiments.statistics import effect_plot
     from agch.runs.tracking import open_tracker
     from agch.runs.ui import set_description
 
@@ -176,3 +176,43 @@ def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str,
         "agch.resumed": run.count(source="resumed"), "agch.collapsed": run.count(status="collapsed"),
         "agch.failed": run.count(status="failed"), "agch.not_run": run.count(status="not run")})
     tracker.end_run(run.parent_run_id, "KILLED" if run.interrupted else "FINISHED")
+
+
+def effect_plot(panels: dict[str, list[tuple[str, Any]]], title: str) -> bytes:
+    """PNG: one panel per metric, each comparison's mean paired difference with its interval, a line at 0.
+
+    Args:
+        panels: metric label (naming its protocol) → [(comparison name, result)], drawn top to bottom.
+        title: the figure title (the protocol the differences were measured under).
+    """
+    import io
+    import math
+    import textwrap
+
+    from matplotlib.figure import Figure  # the object API renders with Agg and touches no global backend
+
+    entries_per_panel = max((len(v) for v in panels.values()), default=1)
+    cols = min(2, len(panels))
+    grid_rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(5.5 * cols, grid_rows * (1.2 + 0.4 * entries_per_panel) + 0.6), layout="constrained")
+    axes = fig.subplots(grid_rows, cols, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, (label, entries) in zip(axes, panels.items()):
+        ys = list(range(len(entries)))[::-1]
+        for y, (_, r) in zip(ys, entries):
+            color = {"helps": "tab:green", "hurts": "tab:red"}.get(r.verdict.split(" ")[0], "tab:gray")
+            err = None if math.isnan(r.ci_low) else [[r.diff_mean - r.ci_low], [r.ci_high - r.diff_mean]]
+            ax.errorbar([r.diff_mean], [y], xerr=err, fmt="o", color=color, capsize=3)
+        ax.axvline(0.0, color="black", linewidth=0.8)
+        ax.set_ylim(-0.6, len(entries) - 0.4)
+        ax.set_yticks(ys, [name for name, _ in entries])
+        ax.set_xlabel(f"Δ {label} (on − off)")
+        ax.grid(axis="x", alpha=0.3)
+    width = int(12 * 5.5 * cols)  # characters per title line at this font size
+    lines = [*(textwrap.fill(line, width) for line in title.splitlines()),
+             "green: helps, red: hurts, grey: no detectable effect"]
+    fig.suptitle("\n".join(lines), fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

@@ -277,7 +277,7 @@ def headline(rows: list[AuditRow]) -> list[str]:
 
 def report(source: Source, rows: list[AuditRow], notes: list[str]) -> dict[str, str]:
     """The audit as console text, audit.md and audit.csv; every row names its protocol."""
-    from agch.experiments.statistics import csv_text, markdown_table, text_table
+    from agch.experiments.formatting import csv_text, markdown_table, text_table
 
     bits = int(rows[0].codes.codes["query_image"].shape[1])
     reference = {(id(r.codes), r.direction): r.value for r in rows if r.against == "database" and r.k == 50}

@@ -184,7 +184,7 @@ def table_rows(run: TableRun) -> tuple[list[str], list[list[str]], list[list[Any
 
 def report_tables(run: TableRun) -> dict[str, str]:
     """The table as console text, table.md, table.csv and trials.csv."""
-    from agch.experiments.statistics import csv_text, markdown_table, text_table
+    from agch.experiments.formatting import csv_text, markdown_table, text_table
 
     head, rows, records = table_rows(run)
     from agch.experiments.ablation_report import provenance_notes

@@ -50,7 +50,7 @@ def experiment_note(tracker: Any, name: str, parent: Any, trials_link: str) -> s
 def _search_paragraphs(tracker: Any, name: str, markdown: bool, parent: Any) -> list[str]:
     from agch.method.baselines import describe_references
     from agch.experiments.search_space import describe_metric
-    from agch.experiments.statistics import markdown_table, text_table
+    from agch.experiments.formatting import markdown_table, text_table
     from agch.runs.ui import run_page
 
     parent = parent or _parent(tracker, "search", name)

@@ -7,7 +7,6 @@ difference removes the seed's own effect (weight init, batch order) and the test
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -157,7 +156,7 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-# ---------------------------------------------------------------- tables and the effect plot
+# ---------------------------------------------------------------- results as text
 
 
 def signed(value: float, digits: int = 4) -> str:
@@ -174,70 +173,3 @@ def interval(result: PairedResult, digits: int = 4) -> str:
 
 def p_text(p: float) -> str:
     return "n/a" if math.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
-
-
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns padded to their widest cell, for the console."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub-flavoured markdown table ('|' inside cells escaped)."""
-    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(map(esc, headers)) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def csv_text(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """RFC 4180 CSV with a header line."""
-    import csv
-    import io
-
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(headers)
-    writer.writerows(rows)
-    return out.getvalue()
-
-
-def effect_plot(panels: dict[str, list[tuple[str, PairedResult]]], title: str) -> bytes:
-    """PNG: one panel per metric, each comparison's mean paired difference with its interval, a line at 0.
-
-    Args:
-        panels: metric label (naming its protocol) → [(comparison name, result)], drawn top to bottom.
-        title: the figure title (the protocol the differences were measured under).
-    """
-    import io
-
-    from matplotlib.figure import Figure  # the object API renders with Agg and touches no global backend
-
-    entries_per_panel = max((len(v) for v in panels.values()), default=1)
-    cols = min(2, len(panels))
-    grid_rows = -(-len(panels) // cols)
-    fig = Figure(figsize=(5.5 * cols, grid_rows * (1.2 + 0.4 * entries_per_panel) + 0.6), layout="constrained")
-    axes = fig.subplots(grid_rows, cols, sharey=True, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
-    for ax, (label, entries) in zip(axes, panels.items()):
-        ys = list(range(len(entries)))[::-1]
-        for y, (_, r) in zip(ys, entries):
-            color = {"helps": "tab:green", "hurts": "tab:red"}.get(r.verdict.split(" ")[0], "tab:gray")
-            err = None if math.isnan(r.ci_low) else [[r.diff_mean - r.ci_low], [r.ci_high - r.diff_mean]]
-            ax.errorbar([r.diff_mean], [y], xerr=err, fmt="o", color=color, capsize=3)
-        ax.axvline(0.0, color="black", linewidth=0.8)
-        ax.set_ylim(-0.6, len(entries) - 0.4)
-        ax.set_yticks(ys, [name for name, _ in entries])
-        ax.set_xlabel(f"Δ {label} (on − off)")
-        ax.grid(axis="x", alpha=0.3)
-    width = int(12 * 5.5 * cols)  # characters per title line at this font size
-    lines = [*(textwrap.fill(line, width) for line in title.splitlines()),
-             "green: helps, red: hurts, grey: no detectable effect"]
-    fig.suptitle("\n".join(lines), fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from agch.experiments.statistics import (csv_text, effect_plot, markdown_table, min_wilcoxon_p, paired_compare, summarize,
-                        text_table, verdict_of)
+from agch.experiments.ablation_report import effect_plot
+from agch.experiments.formatting import csv_text, markdown_table, text_table
+from agch.experiments.statistics import min_wilcoxon_p, paired_compare, summarize, verdict_of
 
 # Student's "sleep" data (Cushny & Peebles), the classic paired example: extra sleep of 10 patients, two drugs.
 SLEEP_DRUG1 = [0.7, -1.6, -0.2, -1.2, -0.1, 3.4, 3.7, 0.8, 0.0, 2.0]
