@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from typing import Any, TextIO
 
 from agch.cli.common import add_common_options, add_tracking_option, config_layers, run_main
+from agch.runs.names import cutoff_of
 
 STATE_ORDER = ("running", "finished", "stopped", "failed", "interrupted")
 
@@ -165,7 +165,7 @@ def summarize(report: Any, out: TextIO | None = None) -> None:
         print(f"  config for agch-train: agch-train --config {report.best_config}", file=out)
         if report.test is not None:
             t = report.test
-            k = next(m.group(1) for key in t if (m := re.fullmatch(r"map(\d+)_i2t", key)))
+            k = cutoff_of(t)
             print(f"  test queries, scored once for these settings: mAP@{k} I->T {t[f'map{k}_i2t']:.4f} "
                   f"T->I {t[f'map{k}_t2i']:.4f} | mAP@ALL I->T {t['mapall_i2t']:.4f} T->I {t['mapall_t2i']:.4f} "
                   f"({report.test_protocol})", file=out)

@@ -8,6 +8,7 @@ from typing import Any
 
 from agch.method.baselines import METHODS
 from agch.cli.common import add_common_options, config_from_args, dataset_path, run_main
+from agch.runs.names import Tag
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def run(argv: list[str] | None) -> int:
         if tracker is not None:
             label = preset if args.method == "agch" else args.method
             name = args.run_name or f"{label}-{config.bits}bit-seed{config.seed}"
-            run_id = tracker.start_run(name, tags={**run_tags(config, data), "agch.method": args.method})
+            run_id = tracker.start_run(name, tags={**run_tags(config, data), Tag.METHOD: args.method})
             tracker.log_params(run_id, to_flat(config))
         print(f"agch-train: mAP@{config.topk}(mean) below = mean of I->T and T->I, "
               f"{describe_protocol(protocol_of(config, data))}", file=sys.stderr)

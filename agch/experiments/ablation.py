@@ -20,6 +20,7 @@ from agch.experiments.ablation_plan import Plan, build_plan
 from agch.experiments.ablation_spec import AblationSpec
 from agch.errors import UserError
 from agch.experiments.grid import RESULT_STATES, TrialRecord, run_plan
+from agch.runs.names import Tag
 
 
 @dataclass
@@ -94,9 +95,9 @@ def run_ablation(spec: AblationSpec, dataset: Path | None, *, tracking_uri: str 
             say(f"references on the same queries{f' ({name})' if name else ''}: "
                 f"{describe_references(scores, first.topk)}")
         dataset_tags = {k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")}
-        dataset_tags["agch.protocol"] = described  # what every mAP of the ablation's report is
+        dataset_tags[Tag.PROTOCOL] = described  # what every mAP of the ablation's report is
         if spec.datasets:
-            dataset_tags["agch.datasets"] = json.dumps({name: d.identity for name, d in datas.items()})
+            dataset_tags[Tag.DATASETS] = json.dumps({name: d.identity for name, d in datas.items()})
 
     def start() -> str:
         parent = start_parent(tracker, plan, dataset_tags)
@@ -143,7 +144,7 @@ def start_parent(tracker: Any, plan: Plan, dataset_tags: dict[str, str]) -> str:
     """The MLflow parent run of one ablation: its spec, cells and comparisons."""
     spec = plan.spec
     parent = tracker.start_run(f"ablation-{spec.name}", tags={
-        "agch.kind": "ablation", "agch.group": spec.name, "agch.name": spec.name, "agch.plan": plan.identity,
+        Tag.KIND: "ablation", Tag.GROUP: spec.name, Tag.NAME: spec.name, Tag.PLAN: plan.identity,
         **dataset_tags})
     tracker.log_params(parent, {
         "designs": ", ".join(f"{d.kind} ({d.preset})" for d in spec.designs),
@@ -160,5 +161,5 @@ def start_parent(tracker: Any, plan: Plan, dataset_tags: dict[str, str]) -> str:
     k = next(iter(plan.cells.values())).config.topk
     save_view(tracker, spec.name, f"map{k}_mean",
               first=[f"metrics.`{m}`" for m in (f"map{k}_i2t", f"map{k}_t2i", "mapall_i2t", "mapall_t2i")],
-              then=["tags.`agch.arm`", "tags.`agch.seed`", "tags.`agch.status`"])
+              then=[f"tags.`{Tag.ARM}`", f"tags.`{Tag.SEED}`", f"tags.`{Tag.STATUS}`"])
     return parent

@@ -11,6 +11,7 @@ from agch.experiments.ablation import AblationRun
 from agch.experiments.grid import RESULT_STATES
 from agch.experiments.ablation_plan import Comparison
 from agch.experiments.ablation_spec import DEFAULT_SEEDS
+from agch.runs.names import Tag
 
 DIAGNOSTICS: dict[str, str] = {
     "unique_frac_image": "unique codes img", "unique_frac_text": "unique codes txt",
@@ -167,14 +168,14 @@ def publish(run: AblationRun, results: list[ComparisonResult], tables: dict[str,
         for key, paired in r.maps.items():
             effects.update({f"effect.{name}.{key}": paired.diff_mean, f"effect.{name}.{key}.ci_low": paired.ci_low,
                             f"effect.{name}.{key}.ci_high": paired.ci_high, f"effect.{name}.{key}.p_t": paired.p_t})
-            verdicts[f"agch.verdict.{name}.{key}"] = paired.verdict
+            verdicts[f"{Tag.VERDICT}{name}.{key}"] = paired.verdict
     tracker.log_metrics(run.parent_run_id, effects, step=0)
     tracker.set_tags(run.parent_run_id, verdicts)
     set_description(tracker, run.parent_run_id, tables["results.md"])
     tracker.set_tags(run.parent_run_id, {
-        "agch.trained": run.count(source="trained"), "agch.reused": run.count(source="reused"),
-        "agch.resumed": run.count(source="resumed"), "agch.collapsed": run.count(status="collapsed"),
-        "agch.failed": run.count(status="failed"), "agch.not_run": run.count(status="not run")})
+        Tag.TRAINED: run.count(source="trained"), Tag.REUSED: run.count(source="reused"),
+        Tag.RESUMED: run.count(source="resumed"), Tag.COLLAPSED: run.count(status="collapsed"),
+        Tag.FAILED: run.count(status="failed"), Tag.NOT_RUN: run.count(status="not run")})
     tracker.end_run(run.parent_run_id, "KILLED" if run.interrupted else "FINISHED")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from agch import config as cfg
 from agch.experiments.ablation_plan import Plan, Trial, trial_identity, with_settings
 from agch.experiments.ablation_spec import trial_resources
+from agch.runs.names import Tag
 
 
 RESULT_STATES = ("finished", "collapsed")
@@ -42,7 +43,7 @@ class TrialRecord:
 def completed(run: Any) -> bool:
     """Trained to its end: FINISHED (collapsed codes included: a collapse is a result, the balance fix exists because
     codes collapsed without it)."""
-    return run.info.status == "FINISHED" and run.data.tags.get("agch.status", "finished") == "finished"
+    return run.info.status == "FINISHED" and run.data.tags.get(Tag.STATUS, "finished") == "finished"
 
 
 def recorded_runs(tracker: Any, dataset_identities: Iterable[str]) -> dict[str, list[Any]]:
@@ -50,15 +51,15 @@ def recorded_runs(tracker: Any, dataset_identities: Iterable[str]) -> dict[str, 
     found: dict[str, list[Any]] = {}
     for identity in dict.fromkeys(dataset_identities):
         for run in tracker.runs_everywhere(f"tags.`dataset.identity` = '{identity}'"):
-            if "agch.identity" in run.data.tags and completed(run):
-                found.setdefault(run.data.tags["agch.identity"], []).append(run)
+            if Tag.IDENTITY in run.data.tags and completed(run):
+                found.setdefault(run.data.tags[Tag.IDENTITY], []).append(run)
     return found
 
 
 def reusable(found: dict[str, list[Any]], precision: dict[str, str], parent: str | None = None) -> dict[str, list]:
     """`found` keeping, per identity, the runs of `parent` and the runs of others at that identity's precision."""
     keep = {i: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent
-                or r.data.tags.get("agch.precision") == precision.get(i)] for i, runs in found.items()}
+                or r.data.tags.get(Tag.PRECISION) == precision.get(i)] for i, runs in found.items()}
     return {i: runs for i, runs in keep.items() if runs}
 
 
@@ -69,7 +70,7 @@ def pick_run(runs: list[Any], parent_run_id: str) -> Any:
 
 def interrupted_parent(tracker: Any, plan_identity: str) -> str | None:
     """The parent run of the latest attempt at this plan, when that attempt did not finish."""
-    runs = tracker.runs(f"tags.`agch.plan` = '{plan_identity}'", max_results=1,
+    runs = tracker.runs(f"tags.`{Tag.PLAN}` = '{plan_identity}'", max_results=1,
                         order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
 
@@ -241,11 +242,11 @@ def record_of(trial: Trial, runs: list[Any], outcome: Any, parent: str, recorded
         mine = run.data.tags.get("mlflow.parentRunId") == parent
         source = "reused" if not mine else ("resumed" if recorded_before else "trained")
         tags = run.data.tags
-        status = "collapsed" if tags.get("agch.collapsed") == "True" else "finished"
+        status = "collapsed" if tags.get(Tag.COLLAPSED) == "True" else "finished"
         origin = None if mine else (f"{tags.get('agch.name') or tags.get('agch.group', '?')} (experiment "
                                     f"{run.info.experiment_id}, parent run {tags.get('mlflow.parentRunId', 'none')})")
         return TrialRecord(trial, status, source, run.info.run_id, dict(run.data.metrics),
-                           tags.get("agch.reason") or None, origin)
+                           tags.get(Tag.REASON) or None, origin)
     if outcome is not None and outcome.status == "failed":
         return TrialRecord(trial, "failed", "trained", outcome.run_id, dict(outcome.metrics), outcome.reason)
     return TrialRecord(trial, "not run", reason=getattr(outcome, "reason", None) or "interrupted")

@@ -17,6 +17,7 @@ from agch.experiments.ablation import AblationRun
 from agch.experiments.grid import RESULT_STATES
 from agch.experiments.ablation_plan import Cell, Plan, cell_identity
 from agch.experiments.ablation_spec import AblationSpec
+from agch.runs.names import Tag
 
 DEFAULT_BITS = (16, 32, 64, 128)
 
@@ -123,11 +124,11 @@ def run_table(name: str, preset: str, base: cfg.Config, bits: tuple[int, ...], s
         described = f"mAP@{first.topk} / mAP@ALL, {describe_protocol(dict(protocol, bits=bits_text(bits)))}"
         say(f"every mAP below: {described}")
         dataset_tags = {**{k: v for k, v in run_tags(first, data).items() if k.startswith("dataset.")},
-                        "agch.protocol": described}
+                        Tag.PROTOCOL: described}
 
     def start() -> str:
-        parent = tracker.start_run(f"table-{name}", tags={"agch.kind": "table", "agch.group": name, "agch.name": name,
-                                                         "agch.plan": plan.identity, **dataset_tags})
+        parent = tracker.start_run(f"table-{name}", tags={Tag.KIND: "table", Tag.GROUP: name, Tag.NAME: name,
+                                                         Tag.PLAN: plan.identity, **dataset_tags})
         tracker.log_params(parent, {"preset": preset, "bits": bits_text(bits),
                                     "seeds": ", ".join(map(str, spec.seeds)), "n_trials": len(plan.trials()),
                                     **{f"config.{k}": v for k, v in cfg.to_flat(base).items() if k != "bits"}})
@@ -246,7 +247,7 @@ def publish(run: TableRun, tables: dict[str, str]) -> None:
     tracker = open_tracker(run.tracking_uri, run.experiment)
     tracker.log_files(run.parent_run_id, {name: text for name, text in tables.items() if name != "console"})
     tracker.log_files(run.parent_run_id, {"table.png": table_plot(run)})
-    tracker.set_tags(run.parent_run_id, {"agch.trained": run.count(source="trained"),
-                                         "agch.reused": run.count(source="reused"),
-                                         "agch.failed": run.count(status="failed")})
+    tracker.set_tags(run.parent_run_id, {Tag.TRAINED: run.count(source="trained"),
+                                         Tag.REUSED: run.count(source="reused"),
+                                         Tag.FAILED: run.count(status="failed")})
     tracker.end_run(run.parent_run_id, "KILLED" if run.interrupted else "FINISHED")

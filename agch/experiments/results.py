@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from agch.errors import UserError
+from agch.runs.names import Tag
 
 
 def _parent(tracker: Any, kind: str, name: str) -> Any:
     """The newest parent run of the search or ablation `name` in the tracker's experiment."""
-    runs = tracker.runs(f"tags.`agch.kind` = '{kind}' and tags.`agch.name` = '{name}'", max_results=1,
+    runs = tracker.runs(f"tags.`{Tag.KIND}` = '{kind}' and tags.`{Tag.NAME}` = '{name}'", max_results=1,
                         order_by=["attributes.start_time DESC"])
     if not runs:
         raise UserError(f"no {kind} named '{name}' in experiment {tracker.experiment_id} of {tracker.uri} "
@@ -24,7 +25,7 @@ def role(run: Any) -> str:
     """'trial' or 'test' (a search's chosen settings on the test queries); runs recorded before the agch.role tag
     tell by their group."""
     tags = run.data.tags
-    return tags.get("agch.role") or ("test" if tags.get("agch.group", "").endswith(".test") else "trial")
+    return tags.get(Tag.ROLE) or ("test" if tags.get(Tag.GROUP, "").endswith(".test") else "trial")
 
 
 def search_table(tracker: Any, name: str, markdown: bool = False, parent: Any = None) -> str:
@@ -49,7 +50,7 @@ def experiment_note(tracker: Any, name: str, parent: Any, trials_link: str) -> s
 
 def _search_paragraphs(tracker: Any, name: str, markdown: bool, parent: Any) -> list[str]:
     from agch.method.baselines import describe_references
-    from agch.experiments.search_space import describe_metric
+    from agch.runs.names import describe_metric
     from agch.experiments.formatting import markdown_table, text_table
     from agch.runs.ui import run_page
 
@@ -63,7 +64,7 @@ def _search_paragraphs(tracker: Any, name: str, markdown: bool, parent: Any) -> 
     bold = (lambda text: f"**{text}**") if markdown else (lambda text: text)
     link = (lambda text, url: f"[{text}]({url})") if markdown else (lambda text, url: f"{text} ({url})")
     lines = []
-    best = [r for r in trials if r.info.run_id in tags.get("agch.best_run", "").split(",")]
+    best = [r for r in trials if r.info.run_id in tags.get(Tag.BEST_RUN, "").split(",")]
     if best:
         run = best[0]  # its name gives the searched settings (3 digits; agch.best.<param> tags hold them in full)
         lines.append(f"best trial {bold(run.info.run_name)}: {metric} {bold(_value(run.data.metrics.get(objective)))}"
@@ -80,8 +81,8 @@ def _search_paragraphs(tracker: Any, name: str, markdown: bool, parent: Any) -> 
     cutoff = next((key[len("random_map"):] for key in references if key[len("random_map"):].isdigit()), None)
     if cutoff:
         lines.append(f"references on the same queries: {describe_references(references, int(cutoff))}")
-    rows = [[r.info.run_name, r.data.tags.get("agch.status", "?") + (" (collapsed)" if r.data.tags.get(
-        "agch.collapsed") == "True" else ""), _value(r.data.metrics.get(objective)),
+    rows = [[r.info.run_name, r.data.tags.get(Tag.STATUS, "?") + (" (collapsed)" if r.data.tags.get(
+        Tag.COLLAPSED) == "True" else ""), _value(r.data.metrics.get(objective)),
              _value(r.data.metrics.get("mapall_mean")), int(r.data.metrics.get("epoch", 0)), r.info.run_id]
             for r in trials]
     head = ["trial", "status", metric, "mAP@ALL mean(I->T, T->I)", "epochs", "run id"]

@@ -21,12 +21,13 @@ import yaml
 
 from agch import config as cfg
 from agch.errors import need
-from agch.experiments.search_space import SearchSpace, describe_metric, make_sampler, make_scheduler
+from agch.experiments.search_space import SearchSpace, make_sampler, make_scheduler
 from agch.experiments.search_state import (SearchReport, SearchState, default_storage_url, open_storage,
                                            searches_root)
 from agch.runs.context import RunContext
 from agch.runs.tracking import open_tracker, redact
 from agch.runs.ui import describe_experiment, run_page, save_view, set_description, ui_hint, ui_link
+from agch.runs.names import Tag, describe_metric
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -135,8 +136,8 @@ def _start_parent(tracker: Any, name: str, space: SearchSpace, protocol: str, st
                   references: dict[str, float], dataset: Path) -> str:
     """The search's MLflow parent run (its settings as params, the references as metrics) and the saved view of
     its trials that the printed link opens."""
-    parent = tracker.start_run(name, tags={"agch.kind": "search", "agch.group": name, "agch.name": name,
-                                           "optuna.study": name, "optuna.storage": storage, "agch.protocol": protocol})
+    parent = tracker.start_run(name, tags={Tag.KIND: "search", Tag.GROUP: name, Tag.NAME: name,
+                                           "optuna.study": name, "optuna.storage": storage, Tag.PROTOCOL: protocol})
     tracker.log_params(parent, {
         "space_file": space.source, "preset": space.preset, "searched": ",".join(p.name for p in space.parameters),
         "sampler": space.sampler, "sampler_seed": space.sampler_seed, "sampler_options": space.sampler_options,
@@ -148,7 +149,7 @@ def _start_parent(tracker: Any, name: str, space: SearchSpace, protocol: str, st
     tracker.log_metrics(parent, {f"reference_{k}": v for k, v in references.items()}, step=0)
     save_view(tracker, name, space.metrics[0],
               first=[f"metrics.`{m}`" for m in space.metrics] + [f"params.`{p.name}`" for p in space.parameters],
-              then=["metrics.`epoch`", "tags.`agch.status`"] + [f"metrics.`{m}`" for m in ("mapall_mean",)
+              then=["metrics.`epoch`", f"tags.`{Tag.STATUS}`"] + [f"metrics.`{m}`" for m in ("mapall_mean",)
                                                                 if m not in space.metrics])
     return parent
 
@@ -285,15 +286,15 @@ def _record_end(state: SearchState, tracker: Any, study: Any, trials: list, chos
         done = sum(t.state.name == "COMPLETE" for t in study.trials)
         tracker.log_metrics(parent, {f"best_{m}": v for m, v in best["values"].items()}, step=done)
         # tags, not params: an interrupted search records its best so far, and a resume may change it
-        tracker.set_tags(parent, {"agch.best_trial": best["name"], "agch.best_tune_trials": ",".join(
-            best["tune_trial_ids"]), "agch.best_run": ",".join(best["run_ids"]),
-                                  **{f"agch.best.{k}": v for k, v in chosen.params.items()}})
+        tracker.set_tags(parent, {Tag.BEST_TRIAL: best["name"], Tag.BEST_TUNE_TRIALS: ",".join(
+            best["tune_trial_ids"]), Tag.BEST_RUN: ",".join(best["run_ids"]),
+                                  **{f"{Tag.BEST}{k}": v for k, v in chosen.params.items()}})
     if study.trials:
         files["trials.csv"] = _trials_csv(study, state.space, trials)
     tracker.log_metrics(parent, {f"trials_{s}": sum(o.status == s for o in trials) for s in STATES},
                         step=len(trials))
     tracker.log_files(parent, files)
-    tracker.set_tags(parent, {"agch.search_state": "interrupted" if interrupted else "finished"})
+    tracker.set_tags(parent, {Tag.SEARCH_STATE: "interrupted" if interrupted else "finished"})
     run = tracker.run(parent)
     set_description(tracker, parent, search_table(tracker, state.name, markdown=True, parent=run))
     describe_experiment(tracker, experiment_note(tracker, state.name, run,
@@ -362,6 +363,6 @@ def _test_best(state: SearchState, params: dict, label: str) -> tuple[dict | Non
         config = trial_config(test_ctx, params)
         protocol = (f"{describe_protocol(protocol_of(config, data))}, mean of {len(found)} seed(s), trained on "
                     "the whole training split")
-    tracker.set_tags(ctx.parent_run_id, {"agch.test_protocol": protocol,
-                                         "agch.test_runs": ",".join(o.run_id for o in found)})
+    tracker.set_tags(ctx.parent_run_id, {Tag.TEST_PROTOCOL: protocol,
+                                         Tag.TEST_RUNS: ",".join(o.run_id for o in found)})
     return means, protocol

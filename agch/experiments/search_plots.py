@@ -9,7 +9,8 @@ import textwrap
 import warnings
 from typing import Any
 
-from agch.experiments.search_space import SearchSpace, describe_metric
+from agch.experiments.search_space import SearchSpace
+from agch.runs.names import describe_metric
 
 DPI = 110
 WIDTH_IN = 8.2

@@ -369,10 +369,3 @@ def make_scheduler(space: SearchSpace) -> Any:
 
     return ASHAScheduler(time_attr="epoch", max_t=space.epochs, grace_period=space.grace_period,
                          reduction_factor=space.reduction_factor)
-
-
-def describe_metric(metric: str) -> str:
-    """'map50_mean' -> 'mAP@50 mean(I->T, T->I)': what an objective's number is (docs/protocol.md)."""
-    stem, direction = metric.rsplit("_", 1)
-    cutoff = "ALL" if stem == "mapall" else stem[3:]
-    return f"mAP@{cutoff} " + {"i2t": "I->T", "t2i": "T->I", "mean": "mean(I->T, T->I)"}[direction]

@@ -13,6 +13,7 @@ from typing import Any
 
 from agch import config as cfg
 from agch.errors import UserError
+from agch.runs.names import Tag
 
 SEED_OFFSET = "seed_offset"
 """Param key of a repeated trial: it trains with seed base.seed + this (several seeds per suggestion)."""
@@ -145,5 +146,5 @@ a resume continues, is KILLED."""
 
 def end_trial_run(tracker: Any, run_id: str, status: str, reason: str | None) -> None:
     """Tag the trial's state and reason and close its MLflow run accordingly (MLFLOW_STATUS)."""
-    tracker.set_tags(run_id, {"agch.status": status, "agch.reason": reason or ""})
+    tracker.set_tags(run_id, {Tag.STATUS: status, Tag.REASON: reason or ""})
     tracker.end_run(run_id, MLFLOW_STATUS.get(status, "KILLED"))

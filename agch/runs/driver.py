@@ -25,6 +25,7 @@ from agch.errors import UserError
 from agch.runs.tracking import TRACKING_WAIT_S, RetryingTracker
 from agch.runs.context import CHECKPOINT_ENV, FINAL, RunContext, checkpoint_period, end_trial_run, trial_slot
 from agch.runs.trial import run_trial
+from agch.runs.names import Tag
 
 STATES = ("finished", "failed", "stopped", "interrupted")
 """TrialOutcome.status: stopped = early-stopped by the scheduler; interrupted = the search ended first (Ctrl-C, time
@@ -225,9 +226,9 @@ def mark_lost(ctx: RunContext, known: set[str], *, wait: bool = True) -> None:
         return
     tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment, wait=wait)
     for run in tracker.group_runs(ctx.group):
-        if run.data.tags["agch.trial_id"] not in known and run.data.tags.get("agch.status") != "lost":
+        if run.data.tags[Tag.TRIAL_ID] not in known and run.data.tags.get(Tag.STATUS) != "lost":
             reason = "started after the search's last saved state by a driver that was killed; not part of it"
-            tracker.set_tags(run.info.run_id, {"agch.status": "lost", "agch.reason": reason})
+            tracker.set_tags(run.info.run_id, {Tag.STATUS: "lost", Tag.REASON: reason})
             if run.info.status == "RUNNING":
                 tracker.end_run(run.info.run_id, "KILLED")
 
@@ -243,21 +244,21 @@ def close_unfinished(ctx: RunContext, ended: dict[str, tuple[str, str]] | None =
                    "checkpoint")
     tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment, wait=wait)
     for run in tracker.group_runs(ctx.group):
-        if run.info.status == "RUNNING" and run.data.tags.get("agch.status") != "lost":
-            state, reason = (ended or {}).get(run.data.tags["agch.trial_id"], interrupted)
+        if run.info.status == "RUNNING" and run.data.tags.get(Tag.STATUS) != "lost":
+            state, reason = (ended or {}).get(run.data.tags[Tag.TRIAL_ID], interrupted)
             end_trial_run(tracker, run.info.run_id, state, reason)
 
 
 def outcomes(ctx: RunContext) -> list[TrialOutcome]:
     """Every trial of the group as recorded in MLflow, in start order (lost runs left out)."""
     tracker = RetryingTracker(ctx.tracking_uri, ctx.experiment)
-    return [_outcome(run) for run in tracker.group_runs(ctx.group) if run.data.tags.get("agch.status") != "lost"]
+    return [_outcome(run) for run in tracker.group_runs(ctx.group) if run.data.tags.get(Tag.STATUS) != "lost"]
 
 
 def _outcome(run: Any) -> TrialOutcome:
     tags = run.data.tags
-    return TrialOutcome(trial_id=tags["agch.trial_id"], params=json.loads(tags.get("agch.trial_params", "{}")),
-                        status=tags.get("agch.status", "interrupted"), reason=tags.get("agch.reason") or None,
+    return TrialOutcome(trial_id=tags[Tag.TRIAL_ID], params=json.loads(tags.get(Tag.TRIAL_PARAMS, "{}")),
+                        status=tags.get(Tag.STATUS, "interrupted"), reason=tags.get(Tag.REASON) or None,
                         metrics=dict(run.data.metrics), run_id=run.info.run_id,
                         epochs=int(run.data.metrics.get("epoch", 0)), name=run.info.run_name or "")
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from agch import __version__
 from agch import config as cfg
+from agch.runs.names import Tag
 
 
 def code_version() -> str:
@@ -32,14 +33,14 @@ def run_tags(config: cfg.Config, data: Any) -> dict[str, str]:
     from agch.evaluation.protocol import describe_protocol, protocol_of
 
     return {
-        "agch.protocol": describe_protocol(protocol_of(config, data)),
+        Tag.PROTOCOL: describe_protocol(protocol_of(config, data)),
         "dataset.name": data.name,
         "dataset.path": str(data.path),
         "dataset.identity": data.identity,
         "dataset.synthetic": ",".join(sorted(data.synthetic)) or "none",
         "dataset.split": str(data.meta.get("split_protocol")),
-        "agch.identity": cfg.identity(config, dataset=data.identity),
-        "agch.bits": str(config.bits),
+        Tag.IDENTITY: cfg.identity(config, dataset=data.identity),
+        Tag.BITS: str(config.bits),
     }
 
 
@@ -56,10 +57,10 @@ def log_result(tracker: Any, run_id: str, config: cfg.Config, result: Any) -> No
     """Final metrics, status, protocol and artifacts (codes, curves, history, a config agch-train accepts)."""
     tracker.log_metrics(run_id, result.metrics, step=result.epochs_run)
     tracker.log_metrics(run_id, {"train_seconds": result.seconds}, step=result.epochs_run)
-    tracker.set_tags(run_id, {"agch.status": result.status, "agch.reason": result.reason or "",
-                              "agch.failed_epoch": result.failed_epoch or "", "agch.collapsed": result.collapsed,
-                              "agch.device": result.device, "agch.precision": result.precision,
-                              "agch.trainer_version": cfg.TRAINER_VERSION})
+    tracker.set_tags(run_id, {Tag.STATUS: result.status, Tag.REASON: result.reason or "",
+                              Tag.FAILED_EPOCH: result.failed_epoch or "", Tag.COLLAPSED: result.collapsed,
+                              Tag.DEVICE: result.device, Tag.PRECISION: result.precision,
+                              Tag.TRAINER_VERSION: cfg.TRAINER_VERSION})
     files: dict[str, Any] = {"protocol.json": result.protocol, "config.yaml": {"preset": "paper", **cfg.to_flat(config)},
                              "history.csv": history_csv(result.history)}
     if result.codes:

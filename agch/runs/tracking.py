@@ -25,6 +25,7 @@ import yaml
 
 from agch.errors import UserError
 from agch.paths import default_tracking_uri, home
+from agch.runs.names import Tag
 
 DEFAULT_EXPERIMENT = "agch"
 
@@ -108,7 +109,7 @@ class Tracker:
         """Create a run (nested under `parent` when given) and return its id."""
         from agch.runs.record import code_version
 
-        tags = dict(tags or {}, **{"agch.code_version": code_version()})
+        tags = dict(tags or {}, **{Tag.CODE_VERSION: code_version()})
         if parent:
             tags["mlflow.parentRunId"] = parent
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -188,12 +189,12 @@ class Tracker:
 
     def find_trial_run(self, group: str, slot: str) -> Any | None:
         """The MLflow run of the trial at `slot` (see agch.runs.trial.trial_slot) in `group`, if one was started."""
-        runs = self.runs(f"tags.`agch.group` = '{group}' and tags.`agch.slot` = '{slot}'", max_results=1)
+        runs = self.runs(f"tags.`{Tag.GROUP}` = '{group}' and tags.`{Tag.SLOT}` = '{slot}'", max_results=1)
         return runs[0] if runs else None
 
     def group_runs(self, group: str) -> list[Any]:
         """Every trial run of `group`, oldest first."""
-        return self.runs(f"tags.`agch.group` = '{group}' and tags.`agch.trial_id` != ''",
+        return self.runs(f"tags.`{Tag.GROUP}` = '{group}' and tags.`{Tag.TRIAL_ID}` != ''",
                          order_by=["attributes.start_time ASC"])
 
     def artifact_names(self, run_id: str) -> set[str]:

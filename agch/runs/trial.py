@@ -17,6 +17,7 @@ from agch import config as cfg
 from agch.runs.context import (FINAL, RUN_ID, SETTINGS, TRIAL_NUMBER, RunContext, TrialFailed, checkpoint_period,
                                end_trial_run, run_name, settings_key, trial_config, trial_slot)
 from agch.runs.tracking import RetryingTracker
+from agch.runs.names import Tag
 
 
 def run_trial(params: dict[str, Any], ctx: dict[str, Any]) -> None:
@@ -71,30 +72,30 @@ def _open_run(tracker: RetryingTracker, context: RunContext, params: dict[str, A
     trial_id, slot = tune.get_context().get_trial_id(), trial_slot(context, params)
     recorded = tracker.find_trial_run(context.group, slot)
     if recorded is not None and recorded.info.status in ("FINISHED", "FAILED"):
-        tracker.set_tags(recorded.info.run_id, {"agch.trial_id": trial_id})
+        tracker.set_tags(recorded.info.run_id, {Tag.TRIAL_ID: trial_id})
         _replay(recorded)
         return None
     attempt = 1
     if recorded is not None:
         run_id = recorded.info.run_id
-        attempt = int(recorded.data.tags.get("agch.attempts", "1")) + 1
+        attempt = int(recorded.data.tags.get(Tag.ATTEMPTS, "1")) + 1
         tracker.reopen(run_id)
     else:
         name = run_name(context, params, config)
         label, described = context.name or context.group, run_tags(config, data)
-        tags = {**described, "agch.group": context.group, "agch.slot": slot, "agch.name": label,
-                "agch.role": context.role, "agch.seed": str(config.seed),
+        tags = {**described, Tag.GROUP: context.group, Tag.SLOT: slot, Tag.NAME: label,
+                Tag.ROLE: context.role, Tag.SEED: str(config.seed),
                 "mlflow.note.content": f"{context.kind or 'trial'} {label}, {name}: every mAP is "
                                        f"{described['agch.protocol']}",
-                "agch.trial_id": trial_id, "agch.trial_params": json.dumps(params, sort_keys=True, default=str)}
+                Tag.TRIAL_ID: trial_id, Tag.TRIAL_PARAMS: json.dumps(params, sort_keys=True, default=str)}
         if TRIAL_NUMBER in params:
-            tags["agch.trial_number"] = str(params[TRIAL_NUMBER])
+            tags[Tag.TRIAL_NUMBER] = str(params[TRIAL_NUMBER])
         if SETTINGS in params:
-            tags["agch.arm"] = context.arm_labels.get(settings_key(params[SETTINGS]), "")
+            tags[Tag.ARM] = context.arm_labels.get(settings_key(params[SETTINGS]), "")
         run_id = tracker.start_run(name, tags=tags, parent=context.parent_run_id)
         tracker.log_params(run_id, cfg.to_flat(config))
-    tracker.set_tags(run_id, {"agch.status": "running", "agch.reason": "", "agch.attempts": attempt,
-                              "agch.trial_id": trial_id, "ray.node_id": ray.get_runtime_context().get_node_id()})
+    tracker.set_tags(run_id, {Tag.STATUS: "running", Tag.REASON: "", Tag.ATTEMPTS: attempt,
+                              Tag.TRIAL_ID: trial_id, "ray.node_id": ray.get_runtime_context().get_node_id()})
     return run_id
 
 
@@ -141,7 +142,7 @@ def _replay(run: Any) -> None:
     from ray import tune
 
     if run.info.status == "FAILED":
-        raise TrialFailed(run.data.tags.get("agch.reason") or "failed in an earlier session")
-    stopped = run.data.tags.get("agch.status") == "stopped"
+        raise TrialFailed(run.data.tags.get(Tag.REASON) or "failed in an earlier session")
+    stopped = run.data.tags.get(Tag.STATUS) == "stopped"
     epochs = int(run.data.metrics.get("epoch", 0)) if stopped else int(run.data.params.get("epochs", 0))
     tune.report({**run.data.metrics, "epoch": epochs, RUN_ID: run.info.run_id, **({} if stopped else {FINAL: 1})})

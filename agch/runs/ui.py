@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from agch.runs.tracking import is_server
+from agch.runs.names import Tag
 
 
 UI_WORKFLOW = "workflowType=machine_learning"
@@ -34,7 +35,7 @@ def run_page(tracker: Any, run_id: str) -> str:
 
 def runs_filter(name: str) -> str:
     """The runs-table filter for the trials of search or ablation `name`: its parent and test runs left out."""
-    return f"tags.`agch.name` = '{name}' and tags.`agch.role` = 'trial'"
+    return f"tags.`{Tag.NAME}` = '{name}' and tags.`{Tag.ROLE}` = 'trial'"
 
 
 def save_view(tracker: Any, name: str, metric: str, *, first: list[str], then: list[str]) -> None:
@@ -75,7 +76,7 @@ NOTE_LIMIT = 7500
 """Characters of a run description (tag mlflow.note.content; MLflow keeps at most 8,000 per tag value)."""
 NOTE = "mlflow.note.content"
 """Run and experiment tag: the description the MLflow UI shows (markdown) on the run's and the experiment's page."""
-OWN_NOTE = "agch.note"
+OWN_NOTE = Tag.NOTE
 """Experiment tag: the experiment description this project last wrote (a description someone else wrote is kept)."""
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from agch import config as cfg
 from agch.experiments import search_space
+from agch.runs import names
 from agch.cli.search import main
 from agch.errors import UserError
 
@@ -84,8 +85,8 @@ def test_overrides_win_and_a_grid_is_capped(tmp_path: Path) -> None:
 
 
 def test_metric_names_carry_their_protocol() -> None:
-    assert search_space.describe_metric("map50_mean") == "mAP@50 mean(I->T, T->I)"
-    assert search_space.describe_metric("mapall_t2i") == "mAP@ALL T->I"
+    assert names.describe_metric("map50_mean") == "mAP@50 mean(I->T, T->I)"
+    assert names.describe_metric("mapall_t2i") == "mAP@ALL T->I"
 
 
 BAD = [
