@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_args(args: argparse.Namespace) -> Any:
     """The ablation file (or the default design) with the command line's options layered on top."""
-    from agch.experiments.ablation_spec import (DEFAULT_BUDGET, DESIGNS, AblationSpec, Design, check_not_fixed, check_resources,
+    from agch.experiments.ablation_spec import (DEFAULT_BUDGET, DESIGNS, AblationSpec, Design, check_not_fixed,
+                                                check_resources,
                                     load_spec, resolve_spec_path, toggle_list)
 
     toggled = tuple(cfg.fix_name(f, "--fix") for f in args.fixes if "=" not in f)

@@ -1,4 +1,5 @@
-"""agch-table: the paper's Table II layout for a preset on a dataset, beside the published numbers (agch.experiments.paper_table)."""
+"""agch-table: the paper's Table II layout for a preset on a dataset, beside the published numbers
+(agch.experiments.paper_table)."""
 
 from __future__ import annotations
 

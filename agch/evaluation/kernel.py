@@ -12,7 +12,8 @@ AP@k and hits@k are summed over that head afterwards, so the walk has no per-cut
 Each pass is a plain loop over the database (relevance word by word, then counting, then the walk): a loop with an
 inner loop or per-cut tests in its body took twice as long (docs/benchmarks.md).
 
-Compiled by numba on first use and cached on disk; agch.evaluation.metrics runs its torch path instead if numba is missing.
+Compiled by numba on first use and cached on disk; agch.evaluation.metrics runs its torch path instead if numba is
+missing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""How agch.evaluation.metrics scores a hashing retrieval: Hamming distances, rankings and the sums every metric is read from.
+"""How agch.evaluation.metrics scores a hashing retrieval: Hamming distances, rankings and the sums every metric is
+read from.
 
 Two engines give the same figures (tests/test_metrics.py runs both against the oracle): on CPU the compiled
 counting kernel (agch.evaluation.kernel), without sorting; elsewhere (and on CPU without numba) torch, which sorts each

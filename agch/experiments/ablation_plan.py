@@ -1,5 +1,6 @@
 """An ablation's plan: its spec's designs expanded into cells (configs) and paired comparisons, and the cell and
-trial identities that find recorded runs. The spec itself (file schema, designs, defaults): agch.experiments.ablation_spec.
+trial identities that find recorded runs. The spec itself (file schema, designs, defaults):
+agch.experiments.ablation_spec.
 """
 
 from __future__ import annotations

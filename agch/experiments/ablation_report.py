@@ -1,5 +1,6 @@
 """An ablation's statistics and report: paired comparisons per metric, the tables (console, results.md, CSVs), the
-notes on reuse and failures, and what is logged on the parent run. The runs themselves come from agch.experiments.ablation."""
+notes on reuse and failures, and what is logged on the parent run. The runs themselves come from
+agch.experiments.ablation."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Ablation files: their schema and validation, the designs and defaults, and the per-trial resources.
 
 An ablation switches factors on a base config and trains every resulting config ("cell") with the same seeds, so
-each factor can be judged by a paired comparison (agch.experiments.statistics). A factor is one of the debugging log's fixes
+each factor can be judged by a paired comparison (agch.experiments.statistics). A factor is one of the debugging
+log's fixes
 (agch.config.Fixes, off/on) or any other config key between two values (`toggles`: off value, on value), such as
 feature_norm none vs standardize.
 
@@ -15,7 +16,8 @@ A file may also name two datasets (`datasets: {alexnet: a.h5, vgg16: b.h5}`, off
 both, and the dataset is compared like a factor, paired by seed (e.g. AlexNet fc7 vs VGG16 fc7 image features of the
 same pairs; agch.experiments.ablation checks that the datasets hold the same pairs, labels and split).
 
-agch.experiments.ablation_plan expands a spec into cells and comparisons; agch.experiments.ablation runs the plan and reports it.
+agch.experiments.ablation_plan expands a spec into cells and comparisons; agch.experiments.ablation runs the plan
+and agch.experiments.ablation_report reports it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """agch-table: the paper's Table II layout for one preset on one dataset, beside the published numbers.
 
 Rows I->T and T->I, columns 16/32/64/128 bits, each cell mean ± std over seeds. The cells (one config per code
-length) run as Ray Tune trials through the ablation driver's grids (agch.experiments.grid.run_plan), so a cell × seed already
+length) run as Ray Tune trials through the ablation driver's grids (agch.experiments.grid.run_plan), so a cell ×
+seed already
 recorded in the tracking store with the same identity and precision is reused, and an interrupted table resumes.
 """
 

@@ -146,7 +146,8 @@ def cca_itq(config: Config, data: Dataset) -> TrainResult:
 
 def plain_s_config(config: Config) -> Config:
     """The plain-S reference at config's REFERENCE_FIELDS: the `plain-s` preset (agch.config.PRESETS), AGCH's own S
-    driving two one-hidden-layer MLP encoders without GCN or fusion. It trains with agch.method.train.train, so its results
+    driving two one-hidden-layer MLP encoders without GCN or fusion. It trains with agch.method.train.train, so its
+    results
     carry the trainer's metric names, protocol and logging.
 
     Example:

@@ -1,4 +1,5 @@
-"""agch.evaluation.metrics against the per-query oracle (tests/map_oracle.py), hand-computed cases and the reference values
+"""agch.evaluation.metrics against the per-query oracle (tests/map_oracle.py), hand-computed cases and the reference
+values
 of docs/protocol.md on the real MIRFlickr-25K labels."""
 
 from __future__ import annotations

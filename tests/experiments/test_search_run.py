@@ -262,7 +262,8 @@ def test_ctrl_c_then_kill_then_resume_reruns_nothing(ray_session, tiny_dataset: 
 def test_every_shipped_space_runs_one_tiny_trial(ray_session, tiny_dataset: Path, stem: str) -> None:
     searched = {p.name for p in load_space(f"spaces/{stem}.yaml").parameters}
     small = {k: v for k, v in FIXED.items() if k not in searched}
-    space = load_space(f"spaces/{stem}.yaml", layers=[cfg.Layer(small, "--set")], trials=1, epochs=1, dataset=tiny_dataset)
+    space = load_space(f"spaces/{stem}.yaml", layers=[cfg.Layer(small, "--set")], trials=1, epochs=1,
+                       dataset=tiny_dataset)
     report = search.start(space, name=stem, device="cpu")
     assert not report.interrupted and len(report.outcomes) == space.seeds
     assert all(o.status in ("finished", "failed") and o.run_id and o.epochs == 1 for o in report.outcomes)

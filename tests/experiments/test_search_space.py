@@ -76,7 +76,8 @@ def test_spaces_prefix_means_shipped_unless_the_user_has_that_file(tmp_path: Pat
 
 def test_overrides_win_and_a_grid_is_capped(tmp_path: Path) -> None:
     doc = changed(parameters={"batch_size": [32, 64], "fixes.text-input": [False, True]}, sampler="grid", trials=9)
-    space = search_space.load_space(str(write_space(tmp_path, doc)), layers=[cfg.Layer({"lam": "2.5"}, "--set")], trials=None, epochs=2)
+    space = search_space.load_space(str(write_space(tmp_path, doc)), layers=[cfg.Layer({"lam": "2.5"}, "--set")],
+                                    trials=None, epochs=2)
     assert space.base["lam"] == 2.5 and space.base["epochs"] == 2 and space.epochs == 2
     assert [p.name for p in space.parameters] == ["batch_size", "fixes.text_input"]
     assert space.trials == 4 and "grid size, 4" in space.notes[0]
@@ -264,7 +265,8 @@ def test_live_table_redraws_in_place_on_a_terminal_and_logs_lines_elsewhere() ->
 
 
 def make_searcher(space: search_space.SearchSpace, name: str, sampler: object, folder: Path) -> object:
-    """A StudySearch over a new (or the existing) study `name` in folder/optuna.db, as agch.experiments.search builds one."""
+    """A StudySearch over a new (or the existing) study `name` in folder/optuna.db, as agch.experiments.search builds
+    one."""
     import optuna
 
     from agch.experiments import search

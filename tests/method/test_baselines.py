@@ -61,7 +61,8 @@ def test_drivers_read_cached_references_and_the_protocol_without_torch_or_scipy(
     with open_dataset(tiny_dataset) as data:
         expected = reference_scores(tiny_config, data)
     code = """import json, sys
-import agch.experiments.ablation, agch.runs.driver, agch.experiments.search, agch.experiments.results, agch.experiments.statistics
+import agch.experiments.ablation, agch.runs.driver, agch.experiments.search, agch.experiments.results
+import agch.experiments.statistics
 from agch import config as cfg
 from agch.method.baselines import reference_scores
 from agch.data.dataset import open_dataset

@@ -1,4 +1,5 @@
-"""agch.runs.driver: trial configs, the locked-SQLite retry, and a Tune grid with one failing trial (the ablation's use)."""
+"""agch.runs.driver: trial configs, the locked-SQLite retry, and a Tune grid with one failing trial (the ablation's
+use)."""
 
 from __future__ import annotations
 
