@@ -69,7 +69,7 @@ def test_services_are_wired_to_each_other(spec):
     assert s["mlflow"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     mlflow_cmd = s["mlflow"]["command"]
     assert "--workers 1" in mlflow_cmd and "--serve-artifacts" in mlflow_cmd
-    assert "--app-name agch" in mlflow_cmd  # the UI as tests/test_ui.py checks it (tests.services.start_mlflow)
+    assert "--app-name agch" in mlflow_cmd  # the UI as tests/runs/test_ui.py checks it (tests.services.start_mlflow)
     allowed = re.search(r'--allowed-hosts "([^"]+)"', mlflow_cmd).group(1).split(",")
     assert "mlflow:5000" in allowed and "mlflow" in allowed
     assert s["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
