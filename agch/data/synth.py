@@ -354,7 +354,7 @@ def build_synthetic_dataset(out: Path, *, seed: int = 0, labels_path: Path | Non
     else:
         labels, text, meta = _synthetic_parts(MIRFLICKR_N if n is None else n, seed)
     meta["synthetic"]["image"] = _describe(
-        "agch.synth.SyntheticImageFeatures", seed, image,
+        "agch.data.synth.SyntheticImageFeatures", seed, image,
         "fc7-like features from the labels: per-label prototypes (one of several modes, picked by the style) + "
         "style/per-image nuisance in a latent space, "
         "fixed random linear map, per-unit offset + ReLU, gain, multiplicative lognormal noise, float16")
@@ -386,11 +386,11 @@ def _synthetic_parts(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
     label_model, tag_model = LabelModel(), TagModel()
     labels = draw_labels(n, seed, label_model)
     synthetic = {
-        "labels": _describe("agch.synth.draw_labels", seed, label_model,
+        "labels": _describe("agch.data.synth.draw_labels", seed, label_model,
                             "label count from the MIRFlickr-25K histogram, labels by a parent-closed Gumbel top-k "
                             "with family and indoor/outdoor couplings, weights fitted to the MIRFlickr-25K label "
                             "frequencies"),
-        "text": _describe("agch.synth.draw_tags", seed, tag_model,
+        "text": _describe("agch.data.synth.draw_tags", seed, tag_model,
                           "binary tags by Gumbel top-k over lognormal popularity + label affinity, "
                           "1 + negative-binomial tags per item"),
     }

@@ -1,7 +1,7 @@
 """How agch.evaluation.metrics scores a hashing retrieval: Hamming distances, rankings and the sums every metric is
 read from.
 
-Two engines give the same figures (tests/test_metrics.py runs both against the oracle): on CPU the compiled
+Two engines give the same figures (tests/evaluation/test_metrics.py runs both against the oracle): on CPU the compiled
 counting kernel (agch.evaluation.kernel), without sorting; elsewhere (and on CPU without numba) torch, which sorts each
 chunk of queries once by unique integer keys and reads every metric off that order. Both run chunked over queries,
 so a NUS-WIDE-size database fits in a fixed memory budget.

@@ -312,7 +312,6 @@ def test_cli_usage_errors_print_the_subcommand_help(capsys):
 
 
 def test_cli_synth_writes_and_summarizes(tmp_path, capsys):
-    pytest.importorskip("agch.data.synth", reason="agch/synth.py (another helper's file) not there yet")
     out = tmp_path / "s.h5"
     args = ["synth", "--out", str(out), "--n", "600", "--image-dim", "64", "--n-query", "100", "--n-train", "300",
             "--seed", "3"]

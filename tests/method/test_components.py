@@ -38,7 +38,7 @@ def test_a_dropped_module_has_no_parameters_no_output_and_no_optimizer_group(tin
 
 
 def test_without_gcn_the_loss_has_no_l2_and_the_rest_is_unchanged():
-    # the hand-computed case of tests/test_losses.py: L1 = 5.5, L3 = beta * 4.0 + lam * 2.0 (reduction 'sum')
+    # the hand-computed case of tests/method/test_losses.py: L1 = 5.5, L3 = beta * 4.0 + lam * 2.0 (reduction 'sum')
     config = cfg.apply(cfg.preset("paper"), {"loss_reduction": "sum", "beta": 2.0, "lam": 3.0, "no_gcn": True})
     h = [[1.0, 0.0], [0.0, 1.0]]
     terms = agch_loss(Codes(torch.tensor(V), torch.tensor(T), torch.tensor(h), None, None), torch.tensor(S), config)
