@@ -5,8 +5,11 @@ MLflow 3.17 shows an experiment either with its GenAI pages (overview, traces) o
 (runs table) by one switch per browser, the sidebar's "GenAI | Model training", kept in the browser's localStorage
 and GenAI until the user picks. It does not read the experiment tag `mlflow.experimentKind` for that. So in a
 browser that never picked, `/#/experiments/ID` (what the home page links to) opens on the GenAI overview of an
-experiment that has no traces. This app is MLflow's app with one line added to the UI's page: a browser that has
-not picked starts on "Model training". A browser that picked keeps its choice; nothing else changes. The links the
+experiment that has no traces; and on a local server the UI opens its assistant chat panel once, on a browser's first
+page, taking a quarter of the window from the runs table's columns. This app is MLflow's app with one script added
+to the UI's page: a browser that has not picked starts on "Model training", and one that never had the assistant
+opened for it does not get it opened (its button stays, bottom right). A browser's own choices stay; nothing else
+changes. The links the
 project prints carry `workflowType=machine_learning` in their URL and work with a plain `mlflow ui` too.
 
 Registered as the `mlflow.app` entry point `agch` (pyproject.toml), which is how MLflow's `--app-name` finds apps.
@@ -21,11 +24,15 @@ from mlflow.server import app as flask_app
 from mlflow.server import serve as serve_page
 from mlflow.server.fastapi_app import app  # noqa: F401  (what the server serves: MLflow's ASGI app around flask_app)
 
-WORKFLOW_KEY = "mlflow.workflowType_v1"
-"""The localStorage entry in which MLflow 3.17's UI keeps the browser's GenAI / Model training choice."""
-DEFAULT_WORKFLOW = "machine_learning"
-SCRIPT = (f"<script>if(localStorage.getItem({json.dumps(WORKFLOW_KEY)})===null)"
-          f"localStorage.setItem({json.dumps(WORKFLOW_KEY)},{json.dumps(json.dumps(DEFAULT_WORKFLOW))})</script>")
+DEFAULTS = {
+    "mlflow.workflowType_v1": "machine_learning",  # the GenAI / Model training switch
+    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": True,  # "the assistant was opened once already"
+}
+"""localStorage entries of MLflow 3.17's UI (its key `NAME_vVERSION`, a JSON value) set where a browser has none."""
+SCRIPT = "<script>" + "".join(
+    f"if(localStorage.getItem({json.dumps(key)})===null)"
+    f"localStorage.setItem({json.dumps(key)},{json.dumps(json.dumps(value))});" for key, value in DEFAULTS.items()
+) + "</script>"
 
 
 @flask_app.after_request
