@@ -345,10 +345,10 @@ def flat_overrides(overrides: dict[str, Any], where: str = "") -> dict[str, Any]
     return out
 
 
-def preset(name: str) -> Config:
-    """The named preset as a Config (a key of PRESETS)."""
+def preset(name: str, where: str = "") -> Config:
+    """The named preset as a Config (a key of PRESETS; an unknown name is a UserError naming `where`)."""
     if name not in PRESETS:
-        raise unknown("preset", name, PRESETS)
+        raise unknown("preset", name, PRESETS, where)
     return apply(Config(), PRESETS[name], where=f"preset {name}")
 
 
@@ -400,11 +400,12 @@ class Layer:
     where: str
 
 
-def layered(preset_name: str, layers: Iterable[Layer] = ()) -> Config:
+def layered(preset_name: str, layers: Iterable[Layer] = (), where: str = "") -> Config:
     """The one layering of settings: the preset, then each layer in order, a later one winning key by key, each
     validated as it is applied. Every command (preset → file → --set → --fix → --seed, agch.cli.common), every
-    search-space and ablation file, every trial and a search's test run build their configs with it."""
-    config = preset(preset_name)
+    search-space and ablation file, every trial and a search's test run build their configs with it. `where` names
+    where the preset's name came from, for the error an unknown one raises."""
+    config = preset(preset_name, where)
     for layer in layers:
         config = apply(config, layer.values, where=layer.where)
     return config

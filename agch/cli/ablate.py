@@ -11,7 +11,7 @@ from typing import Any
 from agch import config as cfg
 from agch.cli.common import (add_common_options, add_grid_options, add_tracking_option, config_layers, dataset_path,
                              parse_pairs, run_main)
-from agch.errors import UserError, unknown
+from agch.errors import UserError
 
 EPILOG = """examples:
   agch-ablate --fix alignment                      # alignment on vs off on the paper preset, 5 seeds
@@ -86,9 +86,8 @@ def spec_from_args(args: argparse.Namespace) -> Any:
     kinds = [args.design] if args.design else [d.kind for d in spec.designs]
     designs = tuple(dict.fromkeys(Design(k, preset or _file_preset(spec, k) or DESIGNS[k]) for k in kinds))
     for design in designs:
-        if design.preset not in cfg.PRESETS:
-            raise unknown("preset", design.preset, cfg.PRESETS, f"--preset ({design.kind} needs a base preset)")
-        cfg.layered(design.preset, [cfg.Layer(overrides, "ablation settings")])
+        cfg.layered(design.preset, [cfg.Layer(overrides, "ablation settings")],
+                    where=f"--preset ({design.kind} needs a base preset)")
     if args.seeds is not None and args.seeds < 1:
         raise UserError(f"--seeds must be >= 1 (>= 2 for a verdict), got {args.seeds}")
     seeds = spec.seeds

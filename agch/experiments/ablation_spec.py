@@ -185,8 +185,7 @@ def designs_from(entries: list[DesignEntry], preset: str | None, where: Where) -
         if entry.kind not in DESIGNS:
             raise unknown("design", entry.kind, DESIGNS, at)
         chosen = entry.preset or preset or DESIGNS[entry.kind]
-        if chosen not in cfg.PRESETS:
-            raise unknown("preset", chosen, cfg.PRESETS, f"{at} ({entry.kind} needs a base preset)")
+        cfg.preset(chosen, f"{at} ({entry.kind} needs a base preset)")  # an unknown one is an error here
         designs.append(Design(entry.kind, chosen))
     return tuple(dict.fromkeys(designs))
 

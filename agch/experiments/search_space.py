@@ -254,11 +254,9 @@ def load_space(arg: str, *, layers: list[cfg.Layer] = (), preset: str | None = N
     where = Where(path, text)
     doc = validate(SpaceFile, raw, where)
     preset_name = preset or doc.preset
-    if preset_name not in cfg.PRESETS:
-        raise unknown("preset", preset_name, cfg.PRESETS, where("preset"))
     need("epochs" not in doc.fixed, where("fixed", "epochs"), "the budget in epochs is scheduler.epochs")
     base = cfg.layered(preset_name, [cfg.Layer({"eval_every": 1, **cfg.SELECTION_DEFAULTS, **doc.fixed},
-                                               where("fixed")), *layers])
+                                               where("fixed")), *layers], where=where("preset"))
 
     parameters = [_parameter(name, spec, base, where) for name, spec in doc.parameters.items()]
     names = [p.name for p in parameters]
